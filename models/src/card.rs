@@ -1,0 +1,200 @@
+//! Model configs (YAML, validated on load) and model cards.
+
+use crate::schedule::BetaSchedule;
+use crate::{Error, Operator, Result, UNetConfig};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+/// The diffusion of the prior.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffusionConfig {
+    /// Beta schedule (default: the prior's own linear schedule; the official DAVI code uses `i2sb`).
+    #[serde(default)]
+    pub schedule: BetaSchedule,
+    /// Number of steps `T`.
+    #[serde(default = "thousand")]
+    pub steps: usize,
+}
+
+impl Default for DiffusionConfig {
+    fn default() -> Self {
+        Self {
+            schedule: BetaSchedule::Linear,
+            steps: 1000,
+        }
+    }
+}
+
+fn thousand() -> usize {
+    1000
+}
+
+/// The inverse problem a model solves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    /// The operator `H` and its parameters.
+    pub operator: Operator,
+    /// Measurement noise on the [-1, 1] scale.
+    pub sigma_y: f64,
+    /// Perturbation of the bridge.
+    #[serde(default = "default_h")]
+    pub h: f64,
+}
+
+fn default_h() -> f64 {
+    0.1
+}
+
+/// Where training images come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DataConfig {
+    /// Fashion-MNIST IDX files (gzip), padded to 32x32.
+    FashionMnist {
+        /// Folder of the IDX files.
+        #[serde(default = "fmnist_dir")]
+        dir: String,
+    },
+    /// Random crops of the scikit-image sample photos.
+    Photos {
+        /// Folder of the photos.
+        #[serde(default = "photos_dir")]
+        dir: String,
+    },
+    /// Any folder of images, resized and centre-cropped.
+    Folder {
+        /// The folder.
+        dir: String,
+    },
+}
+
+fn fmnist_dir() -> String {
+    "/usr/share/datasets/fashion-mnist".into()
+}
+fn photos_dir() -> String {
+    ".deps/data/skimage".into()
+}
+
+/// A whole model config, as in `models/configs/*.yaml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaviConfig {
+    /// Model name (the zoo folder).
+    pub name: String,
+    /// The UNet shared by teacher, auxiliary score and implicit networks.
+    pub unet: UNetConfig,
+    /// The prior's diffusion.
+    #[serde(default)]
+    pub diffusion: DiffusionConfig,
+    /// The task (absent for a prior-only config).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskConfig>,
+    /// Training data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataConfig>,
+    /// Training hyperparameters, read by `davi-train` (free-form here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<serde_yaml::Value>,
+}
+
+impl DaviConfig {
+    /// Reads and validates a YAML config.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let err = |reason: String| Error::ConfigFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let cfg: Self = serde_yaml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        cfg.validate().map_err(|e| err(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// Checks the parts against each other.
+    pub fn validate(&self) -> Result<()> {
+        self.unet.validate()?;
+        if let Some(task) = &self.task {
+            task.operator
+                .validate(self.unet.in_channels, self.unet.image_size)?;
+            if task.sigma_y < 0.0 || task.h < 0.0 {
+                return Err(Error::Config("sigma_y and h must be >= 0".into()));
+            }
+        }
+        if self.unet.out_channels != self.unet.in_channels
+            && self.unet.out_channels != 2 * self.unet.in_channels
+        {
+            return Err(Error::Config(format!(
+                "out_channels {} must be in_channels ({}) or twice it (learned sigma)",
+                self.unet.out_channels, self.unet.in_channels
+            )));
+        }
+        if self.diffusion.steps < 2 {
+            return Err(Error::Config("diffusion.steps must be >= 2".into()));
+        }
+        Ok(())
+    }
+
+    /// The task, or an error naming the config when it has none.
+    pub fn task(&self) -> Result<&TaskConfig> {
+        self.task.as_ref().ok_or_else(|| {
+            Error::Config(format!(
+                "config '{}' has no task (a prior-only config)",
+                self.name
+            ))
+        })
+    }
+
+    /// sha256 of the canonical YAML of this config (first 16 hex digits).
+    pub fn hash(&self) -> String {
+        let text = serde_yaml::to_string(self).expect("config serialises");
+        let d = Sha256::digest(text.as_bytes());
+        d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// One method's row of an evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRow {
+    /// Mean PSNR in dB on [0, 1].
+    pub psnr: f64,
+    /// Mean SSIM on [0, 1].
+    pub ssim: f64,
+    /// Network evaluations per image.
+    pub nfe: usize,
+    /// Wall time per image.
+    pub seconds_per_image: f64,
+}
+
+/// `eval:` of a model card.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalTable {
+    /// Number of test images.
+    pub n: usize,
+    /// DAVI, one evaluation.
+    pub davi: EvalRow,
+    /// DPS with the same prior.
+    pub dps: EvalRow,
+    /// The lifted measurement itself.
+    pub lifted: EvalRow,
+}
+
+/// `card.yaml` of a shipped model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelCard {
+    /// Model name.
+    pub name: String,
+    /// The task and operator.
+    pub task: TaskConfig,
+    /// Training data, in words.
+    pub data: String,
+    /// Training steps of DAVI.
+    pub training_steps: usize,
+    /// Training wall time in seconds.
+    pub training_seconds: f64,
+    /// Evaluation, when run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalTable>,
+}

@@ -1,0 +1,649 @@
+//! guided-diffusion's ADM `UNetModel` (Dhariwal & Nichol, "Diffusion Models Beat GANs on Image
+//! Synthesis", 2021; openai/guided-diffusion `guided_diffusion/unet.py`).
+//!
+//! The module tree and every parameter name follow the reference, so a published checkpoint
+//! (`ffhq_10m.pt`, `256x256_diffusion_uncond.pt`) loads as it is. 2-D only.
+
+use crate::{Backend, Error, Result};
+use ndarray::{ArrayD, IxDyn};
+use serde::{Deserialize, Serialize};
+
+/// Constructor arguments of guided-diffusion's `UNetModel`, with the reference's key names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UNetConfig {
+    /// Side of the (square) images, in pixels.
+    pub image_size: usize,
+    /// Channels of the input image.
+    pub in_channels: usize,
+    /// Base channel count.
+    pub model_channels: usize,
+    /// Channels of the output (2x `in_channels` with learned sigma).
+    pub out_channels: usize,
+    /// Residual blocks per resolution.
+    pub num_res_blocks: usize,
+    /// Resolutions, in pixels, at which attention is used (the reference's command line form).
+    #[serde(default)]
+    pub attention_resolutions: Vec<usize>,
+    /// Dropout probability (training only).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Channel multiplier per resolution.
+    pub channel_mult: Vec<usize>,
+    /// Learned convolutions in the up/down samplers (else nearest / average pooling only).
+    #[serde(default = "yes")]
+    pub conv_resample: bool,
+    /// Class-conditional when set: a label embedding of this many classes.
+    #[serde(default)]
+    pub num_classes: Option<usize>,
+    /// Attention heads (used when `num_head_channels` is -1).
+    #[serde(default = "one")]
+    pub num_heads: i64,
+    /// Channels per head; -1 to use `num_heads`.
+    #[serde(default = "minus_one")]
+    pub num_head_channels: i64,
+    /// Heads in the decoder; -1 for `num_heads`.
+    #[serde(default = "minus_one")]
+    pub num_heads_upsample: i64,
+    /// FiLM-like conditioning of the residual blocks on the time embedding.
+    #[serde(default)]
+    pub use_scale_shift_norm: bool,
+    /// Residual blocks instead of plain samplers for up/down sampling.
+    #[serde(default)]
+    pub resblock_updown: bool,
+    /// `QKVAttention` (split qkv before heads) instead of `QKVAttentionLegacy`.
+    #[serde(default)]
+    pub use_new_attention_order: bool,
+    /// Accepted for compatibility with the reference's arguments; has no effect (fp32 here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_fp16: Option<bool>,
+    /// Accepted for compatibility with the reference's arguments; has no effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_checkpoint: Option<bool>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> i64 {
+    1
+}
+fn minus_one() -> i64 {
+    -1
+}
+
+impl UNetConfig {
+    /// Reads a config from YAML or JSON (JSON is YAML) with the reference's keys.
+    pub fn from_file(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let cfg: Self = serde_yaml::from_str(&text).map_err(|e| Error::ConfigFile {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        cfg.validate().map_err(|e| Error::ConfigFile {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks the invariants the reference assumes.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.channel_mult.is_empty() {
+            return bad("channel_mult is empty".into());
+        }
+        let down = 1usize << (self.channel_mult.len() - 1);
+        if self.image_size % down != 0 {
+            return bad(format!(
+                "image_size {} is not divisible by 2^(levels-1) = {down}",
+                self.image_size
+            ));
+        }
+        for (ch, what) in self.channel_counts() {
+            if ch % 32 != 0 {
+                return bad(format!(
+                    "{what} has {ch} channels; GroupNorm32 needs a multiple of 32"
+                ));
+            }
+        }
+        for &r in &self.attention_resolutions {
+            if r == 0 || self.image_size % r != 0 {
+                return bad(format!(
+                    "attention resolution {r} does not divide image_size"
+                ));
+            }
+        }
+        if self.num_head_channels == -1 && self.num_heads < 1 {
+            return bad("num_heads must be >= 1 when num_head_channels is -1".into());
+        }
+        Ok(())
+    }
+
+    fn channel_counts(&self) -> Vec<(usize, String)> {
+        self.channel_mult
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m * self.model_channels, format!("level {i}")))
+            .collect()
+    }
+
+    /// The attention resolutions as downsampling rates `ds`, as the reference's constructor takes them.
+    pub fn attention_ds(&self) -> Vec<usize> {
+        self.attention_resolutions
+            .iter()
+            .map(|r| self.image_size / r)
+            .collect()
+    }
+
+    fn heads_upsample(&self) -> i64 {
+        if self.num_heads_upsample == -1 {
+            self.num_heads
+        } else {
+            self.num_heads_upsample
+        }
+    }
+}
+
+/// One layer of a `TimestepEmbedSequential`.
+#[derive(Debug, Clone)]
+enum Layer {
+    Conv { name: String, stride: usize },
+    Res(ResBlock),
+    Attn(AttentionBlock),
+    Up { conv: Option<String> },
+    Down { conv: Option<String> },
+}
+
+/// guided-diffusion's `ResBlock`.
+#[derive(Debug, Clone)]
+struct ResBlock {
+    name: String,
+    scale_shift: bool,
+    up: bool,
+    down: bool,
+    has_skip_conv: bool,
+    out_channels: usize,
+    dropout: f64,
+}
+
+/// guided-diffusion's `AttentionBlock`.
+#[derive(Debug, Clone)]
+struct AttentionBlock {
+    name: String,
+    channels: usize,
+    /// Side of the feature map it sees (image_size / ds).
+    side: usize,
+    heads: usize,
+    new_order: bool,
+}
+
+/// The ADM UNet: a module tree of names, no weights. Weights come from the backend.
+#[derive(Debug, Clone)]
+pub struct UNetModel {
+    /// The config it was built from.
+    pub config: UNetConfig,
+    input_blocks: Vec<Vec<Layer>>,
+    middle_block: Vec<Layer>,
+    output_blocks: Vec<Vec<Layer>>,
+    shapes: Vec<(String, Vec<usize>)>,
+}
+
+const GROUPS: usize = 32;
+const EPS: f64 = 1e-5;
+
+impl UNetModel {
+    /// Builds the module tree of `config` exactly as the reference's constructor does.
+    pub fn new(config: &UNetConfig) -> Result<Self> {
+        config.validate()?;
+        let c = config;
+        let mc = c.model_channels;
+        let ted = mc * 4;
+        let attn_ds = c.attention_ds();
+        let mut shapes: Vec<(String, Vec<usize>)> = Vec::new();
+        let add_conv =
+            |shapes: &mut Vec<(String, Vec<usize>)>, n: &str, i: usize, o: usize, k: usize| {
+                shapes.push((format!("{n}.weight"), vec![o, i, k, k]));
+                shapes.push((format!("{n}.bias"), vec![o]));
+            };
+        let add_linear = |shapes: &mut Vec<(String, Vec<usize>)>, n: &str, i: usize, o: usize| {
+            shapes.push((format!("{n}.weight"), vec![o, i]));
+            shapes.push((format!("{n}.bias"), vec![o]));
+        };
+        let add_norm = |shapes: &mut Vec<(String, Vec<usize>)>, n: &str, ch: usize| {
+            shapes.push((format!("{n}.weight"), vec![ch]));
+            shapes.push((format!("{n}.bias"), vec![ch]));
+        };
+        add_linear(&mut shapes, "time_embed.0", mc, ted);
+        add_linear(&mut shapes, "time_embed.2", ted, ted);
+        if let Some(n) = c.num_classes {
+            shapes.push(("label_emb.weight".into(), vec![n, ted]));
+        }
+
+        let res = |shapes: &mut Vec<(String, Vec<usize>)>,
+                   name: String,
+                   ch: usize,
+                   out: usize,
+                   up: bool,
+                   down: bool| {
+            add_norm(shapes, &format!("{name}.in_layers.0"), ch);
+            add_conv(shapes, &format!("{name}.in_layers.2"), ch, out, 3);
+            let emb_out = if c.use_scale_shift_norm { 2 * out } else { out };
+            add_linear(shapes, &format!("{name}.emb_layers.1"), ted, emb_out);
+            add_norm(shapes, &format!("{name}.out_layers.0"), out);
+            add_conv(shapes, &format!("{name}.out_layers.3"), out, out, 3);
+            let has_skip_conv = out != ch;
+            if has_skip_conv {
+                add_conv(shapes, &format!("{name}.skip_connection"), ch, out, 1);
+            }
+            Layer::Res(ResBlock {
+                name,
+                scale_shift: c.use_scale_shift_norm,
+                up,
+                down,
+                has_skip_conv,
+                out_channels: out,
+                dropout: c.dropout,
+            })
+        };
+        let attn = |shapes: &mut Vec<(String, Vec<usize>)>,
+                    name: String,
+                    ch: usize,
+                    num_heads: i64,
+                    ds: usize|
+         -> Result<Layer> {
+            let heads = if c.num_head_channels == -1 {
+                num_heads as usize
+            } else {
+                let hc = c.num_head_channels as usize;
+                if hc == 0 || ch % hc != 0 {
+                    return Err(Error::Config(format!(
+                        "{ch} channels are not divisible by num_head_channels {hc}"
+                    )));
+                }
+                ch / hc
+            };
+            if heads == 0 || ch % heads != 0 {
+                return Err(Error::Config(format!(
+                    "{ch} channels not divisible into {heads} heads"
+                )));
+            }
+            add_norm(shapes, &format!("{name}.norm"), ch);
+            shapes.push((format!("{name}.qkv.weight"), vec![3 * ch, ch, 1]));
+            shapes.push((format!("{name}.qkv.bias"), vec![3 * ch]));
+            shapes.push((format!("{name}.proj_out.weight"), vec![ch, ch, 1]));
+            shapes.push((format!("{name}.proj_out.bias"), vec![ch]));
+            Ok(Layer::Attn(AttentionBlock {
+                name,
+                channels: ch,
+                side: c.image_size / ds,
+                heads,
+                new_order: c.use_new_attention_order,
+            }))
+        };
+
+        let mut ch = c.channel_mult[0] * mc;
+        let input_ch = ch;
+        add_conv(&mut shapes, "input_blocks.0.0", c.in_channels, ch, 3);
+        let mut input_blocks = vec![vec![Layer::Conv {
+            name: "input_blocks.0.0".into(),
+            stride: 1,
+        }]];
+        let mut chans = vec![ch];
+        let mut ds = 1;
+        for (level, &mult) in c.channel_mult.iter().enumerate() {
+            for _ in 0..c.num_res_blocks {
+                let i = input_blocks.len();
+                let out = mult * mc;
+                let mut layers = vec![res(
+                    &mut shapes,
+                    format!("input_blocks.{i}.0"),
+                    ch,
+                    out,
+                    false,
+                    false,
+                )];
+                ch = out;
+                if attn_ds.contains(&ds) {
+                    layers.push(attn(
+                        &mut shapes,
+                        format!("input_blocks.{i}.1"),
+                        ch,
+                        c.num_heads,
+                        ds,
+                    )?);
+                }
+                input_blocks.push(layers);
+                chans.push(ch);
+            }
+            if level != c.channel_mult.len() - 1 {
+                let i = input_blocks.len();
+                let name = format!("input_blocks.{i}.0");
+                let layer = if c.resblock_updown {
+                    res(&mut shapes, name, ch, ch, false, true)
+                } else if c.conv_resample {
+                    let n = format!("{name}.op");
+                    add_conv(&mut shapes, &n, ch, ch, 3);
+                    Layer::Down { conv: Some(n) }
+                } else {
+                    Layer::Down { conv: None }
+                };
+                input_blocks.push(vec![layer]);
+                chans.push(ch);
+                ds *= 2;
+            }
+        }
+        let middle_block = vec![
+            res(&mut shapes, "middle_block.0".into(), ch, ch, false, false),
+            attn(&mut shapes, "middle_block.1".into(), ch, c.num_heads, ds)?,
+            res(&mut shapes, "middle_block.2".into(), ch, ch, false, false),
+        ];
+        let mut output_blocks = Vec::new();
+        for (level, &mult) in c.channel_mult.iter().enumerate().rev() {
+            for i in 0..=c.num_res_blocks {
+                let b = output_blocks.len();
+                let ich = chans.pop().expect("input block channels");
+                let out = mc * mult;
+                let mut layers = vec![res(
+                    &mut shapes,
+                    format!("output_blocks.{b}.0"),
+                    ch + ich,
+                    out,
+                    false,
+                    false,
+                )];
+                ch = out;
+                if attn_ds.contains(&ds) {
+                    let j = layers.len();
+                    layers.push(attn(
+                        &mut shapes,
+                        format!("output_blocks.{b}.{j}"),
+                        ch,
+                        c.heads_upsample(),
+                        ds,
+                    )?);
+                }
+                if level > 0 && i == c.num_res_blocks {
+                    let j = layers.len();
+                    let name = format!("output_blocks.{b}.{j}");
+                    let layer = if c.resblock_updown {
+                        res(&mut shapes, name, ch, ch, true, false)
+                    } else if c.conv_resample {
+                        let n = format!("{name}.conv");
+                        add_conv(&mut shapes, &n, ch, ch, 3);
+                        Layer::Up { conv: Some(n) }
+                    } else {
+                        Layer::Up { conv: None }
+                    };
+                    layers.push(layer);
+                    ds /= 2;
+                }
+                output_blocks.push(layers);
+            }
+        }
+        add_norm(&mut shapes, "out.0", ch);
+        add_conv(&mut shapes, "out.2", input_ch, c.out_channels, 3);
+        Ok(Self {
+            config: config.clone(),
+            input_blocks,
+            middle_block,
+            output_blocks,
+            shapes,
+        })
+    }
+
+    /// Every parameter name with its shape, in the reference's state-dict order... up to the
+    /// order of sibling modules (names are what matter).
+    pub fn param_shapes(&self) -> &[(String, Vec<usize>)] {
+        &self.shapes
+    }
+
+    /// Number of scalar parameters.
+    pub fn num_params(&self) -> usize {
+        self.shapes
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// Noise prediction (and, with learned sigma, the variance channels).
+    ///
+    /// # Shapes
+    /// - `x`: [N, in_channels, S, S]
+    /// - `timesteps`: N values, or one value shared by the whole batch
+    /// - `y`: optional class labels as one-hot-free indices are not supported through the backend;
+    ///   pass the label embedding rows directly as `[N, 4 * model_channels]` when `num_classes` is set
+    /// - returns [N, out_channels, S, S]
+    pub fn forward<B: Backend>(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        timesteps: &[f32],
+        class_emb: Option<&B::Tensor>,
+    ) -> Result<B::Tensor> {
+        let mc = self.config.model_channels;
+        let t_emb = b.constant(timestep_embedding(timesteps, mc)); // [N|1, mc]
+        let h = b.linear(
+            &t_emb,
+            &b.param("time_embed.0.weight")?,
+            &b.param("time_embed.0.bias")?,
+        );
+        let h = b.silu(&h);
+        let mut emb = b.linear(
+            &h,
+            &b.param("time_embed.2.weight")?,
+            &b.param("time_embed.2.bias")?,
+        ); // [N|1, 4mc]
+        match (self.config.num_classes, class_emb) {
+            (Some(_), Some(ce)) => emb = b.add(&emb, ce),
+            (Some(_), None) => {
+                return Err(Error::Config(
+                    "class-conditional UNet called without class embedding".into(),
+                ))
+            }
+            _ => {}
+        }
+        let emb = b.silu(&emb); // every emb_layers starts with SiLU: compute it once
+        let mut hs = Vec::with_capacity(self.input_blocks.len());
+        let mut h = apply_seq(b, &self.input_blocks[0], x, &emb)?;
+        hs.push(h);
+        for block in &self.input_blocks[1..] {
+            h = apply_seq(b, block, hs.last().expect("nonempty"), &emb)?;
+            hs.push(h);
+        }
+        let mut h = apply_seq(b, &self.middle_block, hs.last().expect("nonempty"), &emb)?;
+        for block in &self.output_blocks {
+            let skip = hs.pop().expect("skip connection");
+            let cat = b.concat(&[&h, &skip], 1);
+            h = apply_seq(b, block, &cat, &emb)?;
+        }
+        let h = norm(b, "out.0", &h)?;
+        let h = b.silu(&h);
+        conv(b, "out.2", &h, 1, 1)
+    }
+
+    /// Rows of `label_emb.weight` for the given class indices (class-conditional models only).
+    pub fn class_embedding<B: Backend>(&self, b: &B, onehot: &B::Tensor) -> Result<B::Tensor> {
+        // onehot [N, num_classes] @ label_emb.weight [num_classes, 4mc]
+        let w = b.param("label_emb.weight")?;
+        Ok(b.matmul(onehot, &w))
+    }
+}
+
+/// Sinusoidal timestep embedding of the reference (`timestep_embedding`, max period 10000):
+/// `[cos(t f_0..f_{half-1}), sin(t f_0..)]`, `f_i = exp(-ln(10000) i / half)`.
+pub fn timestep_embedding(timesteps: &[f32], dim: usize) -> ArrayD<f32> {
+    let half = dim / 2;
+    let mut out = ArrayD::zeros(IxDyn(&[timesteps.len(), dim]));
+    for (n, &t) in timesteps.iter().enumerate() {
+        for i in 0..half {
+            // The reference computes freqs in fp32 and multiplies in fp32.
+            let f = (-(10000f32).ln() * i as f32 / half as f32).exp();
+            let a = t * f;
+            out[[n, i]] = a.cos();
+            out[[n, half + i]] = a.sin();
+        }
+    }
+    out
+}
+
+fn conv<B: Backend>(
+    b: &B,
+    name: &str,
+    x: &B::Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<B::Tensor> {
+    let w = b.param(&format!("{name}.weight"))?;
+    let bias = b.param(&format!("{name}.bias"))?;
+    Ok(b.conv2d(x, &w, Some(&bias), stride, padding, 1))
+}
+
+fn norm<B: Backend>(b: &B, name: &str, x: &B::Tensor) -> Result<B::Tensor> {
+    let w = b.param(&format!("{name}.weight"))?;
+    let bias = b.param(&format!("{name}.bias"))?;
+    Ok(b.group_norm(x, GROUPS, &w, &bias, EPS))
+}
+
+fn apply_seq<B: Backend>(
+    b: &B,
+    layers: &[Layer],
+    x: &B::Tensor,
+    emb: &B::Tensor,
+) -> Result<B::Tensor> {
+    let mut h: Option<B::Tensor> = None;
+    for layer in layers {
+        let inp = h.as_ref().unwrap_or(x);
+        h = Some(match layer {
+            Layer::Conv { name, stride } => conv(b, name, inp, *stride, 1)?,
+            Layer::Res(r) => r.forward(b, inp, emb)?,
+            Layer::Attn(a) => a.forward(b, inp)?,
+            Layer::Up { conv: c } => {
+                let u = b.upsample_nearest2x(inp);
+                match c {
+                    Some(n) => conv(b, n, &u, 1, 1)?,
+                    None => u,
+                }
+            }
+            Layer::Down { conv: c } => match c {
+                Some(n) => conv(b, n, inp, 2, 1)?,
+                None => b.avg_pool2d(inp, 2),
+            },
+        });
+    }
+    Ok(h.expect("a block has at least one layer"))
+}
+
+impl ResBlock {
+    /// # Shapes
+    /// - `x`: [N, C, H, W], `emb`: SiLU of the time embedding, [N|1, 4mc]
+    /// - returns [N, out, H', W'] (H' = 2H up, H/2 down)
+    fn forward<B: Backend>(&self, b: &B, x: &B::Tensor, emb: &B::Tensor) -> Result<B::Tensor> {
+        let n = &self.name;
+        let h = norm(b, &format!("{n}.in_layers.0"), x)?;
+        let h = b.silu(&h);
+        let resample = |t: &B::Tensor| {
+            if self.up {
+                b.upsample_nearest2x(t)
+            } else {
+                b.avg_pool2d(t, 2)
+            }
+        };
+        let (h, x_resampled) = if self.up || self.down {
+            (resample(&h), Some(resample(x)))
+        } else {
+            (h, None)
+        };
+        let x = x_resampled.as_ref().unwrap_or(x);
+        let h = conv(b, &format!("{n}.in_layers.2"), &h, 1, 1)?;
+        let e = b.linear(
+            emb,
+            &b.param(&format!("{n}.emb_layers.1.weight"))?,
+            &b.param(&format!("{n}.emb_layers.1.bias"))?,
+        );
+        let out = self.out_channels as i64;
+        let h = if self.scale_shift {
+            let e = b.reshape(&e, &[-1, 2 * out, 1, 1]); // [N, 2C, 1, 1]
+            let scale = b.narrow(&e, 1, 0, self.out_channels);
+            let shift = b.narrow(&e, 1, self.out_channels, self.out_channels);
+            let h = norm(b, &format!("{n}.out_layers.0"), &h)?;
+            let h = b.add(&b.mul(&h, &b.add_scalar(&scale, 1.0)), &shift);
+            b.silu(&h)
+        } else {
+            let e = b.reshape(&e, &[-1, out, 1, 1]);
+            let h = b.add(&h, &e);
+            let h = norm(b, &format!("{n}.out_layers.0"), &h)?;
+            b.silu(&h)
+        };
+        let h = b.dropout(&h, self.dropout); // out_layers.2
+        let h = conv(b, &format!("{n}.out_layers.3"), &h, 1, 1)?;
+        let skip = if self.has_skip_conv {
+            conv(b, &format!("{n}.skip_connection"), x, 1, 0)?
+        } else {
+            return Ok(b.add(x, &h));
+        };
+        Ok(b.add(&skip, &h))
+    }
+}
+
+impl AttentionBlock {
+    /// # Shapes
+    /// - `x`: [N, C, S, S] -> [N, C, S, S]
+    fn forward<B: Backend>(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let n = &self.name;
+        let c = self.channels as i64;
+        let t = (self.side * self.side) as i64;
+        let heads = self.heads as i64;
+        let ch = c / heads;
+        // GroupNorm does not care whether the spatial dims are flattened: normalise in 4-D.
+        let h = norm(b, &format!("{n}.norm"), x)?; // [N, C, S, S]
+        let h = b.reshape(&h, &[-1, c, t]); // [N, C, T]
+        let qkv = conv1x1(b, &format!("{n}.qkv"), &h, 3 * self.channels)?; // [N, 3C, T]
+        let scale = 1.0 / (ch as f32).sqrt().sqrt();
+        let (q, k, v) = if self.new_order {
+            // QKVAttention: split q, k, v first, then heads.
+            let q = b.reshape(&b.narrow(&qkv, 1, 0, self.channels), &[-1, ch, t]);
+            let k = b.reshape(
+                &b.narrow(&qkv, 1, self.channels, self.channels),
+                &[-1, ch, t],
+            );
+            let v = b.reshape(
+                &b.narrow(&qkv, 1, 2 * self.channels, self.channels),
+                &[-1, ch, t],
+            );
+            (q, k, v)
+        } else {
+            // QKVAttentionLegacy: heads first, then q, k, v within each head.
+            let r = b.reshape(&qkv, &[-1, 3 * ch, t]); // [N*heads, 3ch, T]
+            let chu = ch as usize;
+            (
+                b.narrow(&r, 1, 0, chu),
+                b.narrow(&r, 1, chu, chu),
+                b.narrow(&r, 1, 2 * chu, chu),
+            )
+        };
+        let q = b.scale(&q, scale);
+        let k = b.scale(&k, scale);
+        let w = b.matmul(&b.permute(&q, &[0, 2, 1]), &k); // [N*heads, T, T] = einsum bct,bcs->bts
+        let w = b.softmax_last(&w);
+        let a = b.matmul(&v, &b.permute(&w, &[0, 2, 1])); // [N*heads, ch, T] = einsum bts,bcs->bct
+        let a = b.reshape(&a, &[-1, c, t]); // [N, C, T]
+        let h = conv1x1(b, &format!("{n}.proj_out"), &a, self.channels)?;
+        let side = self.side as i64;
+        let h = b.reshape(&h, &[-1, c, side, side]);
+        Ok(b.add(x, &h))
+    }
+}
+
+/// guided-diffusion's `conv_nd(1, cin, cout, 1)` on [N, cin, T]: a matrix product with the
+/// [cout, cin, 1] weight.
+fn conv1x1<B: Backend>(b: &B, name: &str, x: &B::Tensor, cout: usize) -> Result<B::Tensor> {
+    let w = b.param(&format!("{name}.weight"))?; // [cout, cin, 1]
+    let bias = b.param(&format!("{name}.bias"))?; // [cout]
+    let w = b.reshape(&w, &[cout as i64, -1]);
+    let bias = b.reshape(&bias, &[cout as i64, 1]);
+    Ok(b.add(&b.matmul(&w, x), &bias))
+}

@@ -1,0 +1,292 @@
+//! A DAVI model in ONNX Runtime: its session, its execution provider and what its metadata says.
+
+use crate::{ortlib, RuntimeError};
+use davi_models::Operator;
+use ndarray::{Array4, ArrayD};
+use ort::ep;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::TensorRef;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Metadata keys written by `davi-export` and read here.
+pub mod keys {
+    /// The task name (`deblur`, `sr`, ...).
+    pub const TASK: &str = "davi.task";
+    /// The operator and its parameters, as JSON.
+    pub const OPERATOR: &str = "davi.operator";
+    /// Measurement noise on [-1, 1].
+    pub const SIGMA_Y: &str = "davi.sigma_y";
+    /// Bridge perturbation.
+    pub const H: &str = "davi.h";
+    /// Image side.
+    pub const IMAGE_SIZE: &str = "davi.image_size";
+    /// Image channels.
+    pub const CHANNELS: &str = "davi.channels";
+    /// Hash of the training config.
+    pub const CONFIG_HASH: &str = "davi.config_hash";
+    /// Version of the tool that wrote the model.
+    pub const TOOL_VERSION: &str = "davi.tool_version";
+}
+
+/// What a model's metadata says about it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    /// The operator it inverts.
+    pub operator: Operator,
+    /// Measurement noise.
+    pub sigma_y: f64,
+    /// Bridge perturbation.
+    pub h: f64,
+    /// Image side.
+    pub image_size: usize,
+    /// Image channels.
+    pub channels: usize,
+    /// Training config hash.
+    pub config_hash: String,
+    /// Tool version.
+    pub tool_version: String,
+}
+
+impl ModelInfo {
+    /// Parses the `davi.*` metadata; `origin` names the model in errors.
+    pub fn from_metadata(m: &BTreeMap<String, String>, origin: &str) -> Result<Self, RuntimeError> {
+        let get = |k: &str| {
+            m.get(k).cloned().ok_or_else(|| RuntimeError::Model {
+                path: origin.into(),
+                reason: format!("metadata has no '{k}' (not a model written by davi-export?)"),
+            })
+        };
+        let num = |k: &str| -> Result<f64, RuntimeError> {
+            get(k)?.parse::<f64>().map_err(|e| RuntimeError::Model {
+                path: origin.into(),
+                reason: format!("metadata '{k}': {e}"),
+            })
+        };
+        let operator: Operator = serde_json::from_str(&get(keys::OPERATOR)?).map_err(|e| RuntimeError::Model {
+            path: origin.into(),
+            reason: format!("metadata '{}': {e}", keys::OPERATOR),
+        })?;
+        Ok(Self {
+            operator,
+            sigma_y: num(keys::SIGMA_Y)?,
+            h: num(keys::H)?,
+            image_size: num(keys::IMAGE_SIZE)? as usize,
+            channels: num(keys::CHANNELS)? as usize,
+            config_hash: get(keys::CONFIG_HASH).unwrap_or_default(),
+            tool_version: get(keys::TOOL_VERSION).unwrap_or_default(),
+        })
+    }
+
+    /// `[Cy, Hy, Wy]` of the measurements the model takes.
+    pub fn measurement_shape(&self) -> [usize; 3] {
+        self.operator.measurement_shape(self.channels, self.image_size)
+    }
+
+    /// `[C, S, S]` of the images it returns.
+    pub fn image_shape(&self) -> [usize; 3] {
+        [self.channels, self.image_size, self.image_size]
+    }
+}
+
+/// An execution provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ep {
+    /// ONNX Runtime's CPU provider.
+    Cpu,
+    /// NVIDIA CUDA.
+    Cuda,
+    /// NVIDIA TensorRT (fp32 model, fp16 engine on request).
+    Tensorrt,
+}
+
+/// Session settings.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// The execution provider; registration failure is an error, never a silent CPU run.
+    pub ep: Ep,
+    /// GPU index.
+    pub device: i32,
+    /// Intra-op threads (0: all cores).
+    pub threads: usize,
+    /// TensorRT: build fp16 engines.
+    pub trt_fp16: bool,
+    /// TensorRT: engine cache folder.
+    pub trt_cache: Option<PathBuf>,
+    /// TensorRT: workspace bytes.
+    pub trt_workspace: usize,
+    /// Largest batch (TensorRT profile shapes).
+    pub max_batch: usize,
+    /// ONNX Runtime's library (see [`ortlib::find_library`]).
+    pub ort_lib: Option<PathBuf>,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            ep: Ep::Cpu,
+            device: 0,
+            threads: 0,
+            trt_fp16: false,
+            trt_cache: None,
+            trt_workspace: 2 << 30,
+            max_batch: 32,
+            ort_lib: None,
+        }
+    }
+}
+
+fn ort_err(path: &Path, what: &str, e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Model { path: path.display().to_string(), reason: format!("{what}: {e}") }
+}
+
+/// A loaded model.
+pub struct Model {
+    /// The session (`run` takes `&mut self`: one caller at a time).
+    pub session: Session,
+    /// Its metadata.
+    pub info: ModelInfo,
+    /// Where it came from.
+    pub path: PathBuf,
+}
+
+/// Builds a session over an ONNX file or in-memory bytes with the given options.
+pub fn session(source: ModelSource<'_>, opts: &SessionOptions) -> Result<Session, RuntimeError> {
+    let env = ortlib::environment(opts.ort_lib.as_deref())?;
+    let path = source.path();
+    let mut b = Session::builder(env).map_err(|e| ort_err(&path, "session", e))?;
+    b = b
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(|e| ort_err(&path, "optimization level", e))?;
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    } else {
+        opts.threads
+    };
+    b = b.with_intra_threads(threads).map_err(|e| ort_err(&path, "threads", e))?;
+    match opts.ep {
+        Ep::Cpu => {}
+        Ep::Cuda => b = register_cuda(b, opts, &path)?,
+        Ep::Tensorrt => b = register_tensorrt(b, opts, &path)?,
+    }
+    match source {
+        ModelSource::File(p) => b.commit_from_file(p).map_err(|e| ort_err(p, "cannot load the model", e)),
+        ModelSource::Bytes(bytes, _) => b
+            .commit_from_memory(bytes)
+            .map_err(|e| ort_err(&path, "cannot load the model", e)),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn register_cuda(
+    b: ort::session::builder::SessionBuilder,
+    opts: &SessionOptions,
+    path: &Path,
+) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
+    let cuda = ep::CUDA::default().with_device_id(opts.device).build().error_on_failure();
+    b.with_execution_providers([cuda]).map_err(|e| RuntimeError::Ep {
+        ep: "cuda".into(),
+        reason: format!("{e} (model {})", path.display()),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn register_cuda(
+    _b: ort::session::builder::SessionBuilder,
+    _opts: &SessionOptions,
+    _path: &Path,
+) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
+    Err(RuntimeError::Ep { ep: "cuda".into(), reason: "this davi was built without the `cuda` feature".into() })
+}
+
+#[cfg(feature = "tensorrt")]
+fn register_tensorrt(
+    b: ort::session::builder::SessionBuilder,
+    opts: &SessionOptions,
+    path: &Path,
+) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
+    let mut trt = ep::TensorRT::default()
+        .with_device_id(opts.device)
+        .with_fp16(opts.trt_fp16)
+        .with_max_workspace_size(opts.trt_workspace);
+    if let Some(dir) = &opts.trt_cache {
+        trt = trt
+            .with_engine_cache(true)
+            .with_engine_cache_path(dir.display().to_string())
+            .with_timing_cache(true);
+    }
+    let trt = trt.build().error_on_failure();
+    // CUDA after TensorRT for the nodes TensorRT does not take.
+    let cuda = ep::CUDA::default().with_device_id(opts.device).build().error_on_failure();
+    b.with_execution_providers([trt, cuda]).map_err(|e| RuntimeError::Ep {
+        ep: "tensorrt".into(),
+        reason: format!("{e} (model {})", path.display()),
+    })
+}
+
+#[cfg(not(feature = "tensorrt"))]
+fn register_tensorrt(
+    _b: ort::session::builder::SessionBuilder,
+    _opts: &SessionOptions,
+    _path: &Path,
+) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
+    Err(RuntimeError::Ep {
+        ep: "tensorrt".into(),
+        reason: "this davi was built without the `tensorrt` feature".into(),
+    })
+}
+
+/// Where a model comes from.
+pub enum ModelSource<'a> {
+    /// An ONNX file.
+    File(&'a Path),
+    /// Serialized ONNX bytes, with a name for errors.
+    Bytes(&'a [u8], &'a str),
+}
+
+impl ModelSource<'_> {
+    fn path(&self) -> PathBuf {
+        match self {
+            ModelSource::File(p) => p.to_path_buf(),
+            ModelSource::Bytes(_, n) => PathBuf::from(n),
+        }
+    }
+}
+
+impl Model {
+    /// Loads a DAVI model and reads its metadata.
+    pub fn load(path: &Path, opts: &SessionOptions) -> Result<Self, RuntimeError> {
+        if !path.is_file() {
+            return Err(RuntimeError::Model { path: path.display().to_string(), reason: "no such file".into() });
+        }
+        let session = session(ModelSource::File(path), opts)?;
+        let md = session.metadata().map_err(|e| ort_err(path, "metadata", e))?;
+        let mut m = BTreeMap::new();
+        for k in md.custom_keys().map_err(|e| ort_err(path, "metadata", e))? {
+            if let Some(v) = md.custom(&k) {
+                m.insert(k, v);
+            }
+        }
+        drop(md);
+        let info = ModelInfo::from_metadata(&m, &path.display().to_string())?;
+        Ok(Self { session, info, path: path.to_path_buf() })
+    }
+
+    /// Runs one batch.
+    ///
+    /// # Shapes
+    /// - `measurement`: [N, Cy, Hy, Wy]; `noise`: [N, C, S, S] -> [N, C, S, S]
+    pub fn restore(&mut self, measurement: &Array4<f32>, noise: &Array4<f32>) -> Result<ArrayD<f32>, RuntimeError> {
+        let p = self.path.clone();
+        let m = TensorRef::from_array_view(measurement.view()).map_err(|e| ort_err(&p, "measurement", e))?;
+        let z = TensorRef::from_array_view(noise.view()).map_err(|e| ort_err(&p, "noise", e))?;
+        let out = self
+            .session
+            .run(ort::inputs!["measurement" => m, "noise" => z])
+            .map_err(|e| ort_err(&p, "run", e))?;
+        let img = out["image"].try_extract_array::<f32>().map_err(|e| ort_err(&p, "output", e))?;
+        Ok(img.to_owned())
+    }
+}

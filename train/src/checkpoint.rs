@@ -1,0 +1,62 @@
+//! Checkpoints: safetensors files whose keys are guided-diffusion's state-dict names.
+
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+/// Reads every tensor of a safetensors file onto `device` as f32.
+pub fn load_tensors(path: &Path, device: Device) -> Result<HashMap<String, Tensor>> {
+    let list = Tensor::read_safetensors(path)
+        .with_context(|| format!("{}: cannot read safetensors", path.display()))?;
+    Ok(list
+        .into_iter()
+        .map(|(k, t)| (k, t.to_kind(Kind::Float).to_device(device)))
+        .collect())
+}
+
+/// Reads the weights of a network from a checkpoint, checked against the names and shapes it
+/// expects. Training checkpoints hold several networks under prefixes (`ema.`, `implicit.`...):
+/// `prefix` picks one; plain state dicts (no prefix) are read as they are.
+pub fn load_params(
+    path: &Path,
+    expected: &[(String, Vec<usize>)],
+    prefix: Option<&str>,
+    device: Device,
+) -> Result<HashMap<String, Tensor>> {
+    let all = load_tensors(path, device)?;
+    let params: HashMap<String, Tensor> = match prefix {
+        Some(p) if all.keys().any(|k| k.starts_with(p)) => all
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix(p).map(|s| (s.to_string(), v)))
+            .collect(),
+        Some(p)
+            if all.keys().any(|k| k.contains('/')) || all.keys().any(|k| k.starts_with("ema.")) =>
+        {
+            bail!("{}: no tensors under prefix '{p}'", path.display())
+        }
+        _ => all,
+    };
+    let found: Vec<(String, Vec<usize>)> = params
+        .iter()
+        .map(|(k, v)| (k.clone(), v.size().iter().map(|&d| d as usize).collect()))
+        .collect();
+    davi_models::check_params(expected, &found).map_err(|d| {
+        anyhow::anyhow!("{}: weights do not match the network: {d}", path.display())
+    })?;
+    Ok(params)
+}
+
+/// Writes named tensors to a safetensors file atomically (temporary file, then rename).
+pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let tmp = path.with_extension("safetensors.tmp");
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.detach().to_device(Device::Cpu).contiguous()))
+        .collect();
+    Tensor::write_safetensors(&cpu, &tmp)
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
+}
