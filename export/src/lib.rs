@@ -345,3 +345,38 @@ pub fn metadata(model: &ModelProto) -> BTreeMap<String, String> {
         .map(|e| (e.key.clone(), e.value.clone()))
         .collect()
 }
+
+/// Exports a degradation operator `H` alone: `image` [N, c, s, s] -> `measurement` (no noise).
+/// `davi degrade` runs it, so measurements come from the very operator code training uses.
+pub fn export_operator(
+    op: &davi_models::Operator,
+    c: usize,
+    s: usize,
+) -> Result<ModelProto, ExportError> {
+    op.validate(c, s)?;
+    let weights = Weights::default();
+    let rec = Recorder::new(&weights, false);
+    let out = op.forward(&rec, &Var("image".into()), c, s);
+    let [cy, hy, wy] = op.measurement_shape(c, s);
+    let inputs = vec![(
+        "image".to_string(),
+        vec![None, Some(c as i64), Some(s as i64), Some(s as i64)],
+    )];
+    let out_dims = vec![None, Some(cy as i64), Some(hy as i64), Some(wy as i64)];
+    assemble(
+        rec,
+        &weights,
+        inputs,
+        out,
+        "measurement",
+        out_dims,
+        &ExportOptions::default(),
+        Vec::new(),
+        &[],
+    )
+}
+
+/// The serialized protobuf of a model (weights inline).
+pub fn to_bytes(model: &ModelProto) -> Vec<u8> {
+    model.encode_to_vec()
+}

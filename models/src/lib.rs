@@ -13,6 +13,7 @@
 pub mod backend;
 pub mod card;
 pub mod implicit;
+pub mod metrics;
 pub mod operators;
 pub mod schedule;
 pub mod unet;

@@ -44,6 +44,41 @@ impl Operator {
         }
     }
 
+    /// The operator of `task` with the official 256 px parameters scaled to an image side `s`:
+    /// blur 61 taps / sigma 3 and the 128 px box scale by `s / 256`; SR is x4.
+    pub fn for_task(task: &str, s: usize) -> crate::Result<Self> {
+        let f = s as f64 / 256.0;
+        Ok(match task {
+            "denoise" => Operator::Denoise,
+            "deblur" => {
+                let k = ((61.0 * f).round() as usize) | 1;
+                Operator::Deblur {
+                    kernel_size: k.max(3),
+                    sigma: 3.0 * f,
+                }
+            }
+            "sr" | "sr4" => Operator::SuperRes { scale: 4 },
+            "inpaint" => Operator::Inpaint {
+                box_size: ((128.0 * f).round() as usize).max(1),
+            },
+            "colorize" => Operator::Colorize,
+            t => {
+                return Err(crate::Error::Config(format!(
+                    "unknown task '{t}': use denoise, deblur, sr, inpaint or colorize"
+                )))
+            }
+        })
+    }
+
+    /// The measurement noise of the official configs: 0.2 for denoising, else 0.05.
+    pub fn default_sigma_y(&self) -> f64 {
+        if *self == Operator::Denoise {
+            0.2
+        } else {
+            0.05
+        }
+    }
+
     /// Checks the operator against an image of `c` channels and side `s`.
     pub fn validate(&self, c: usize, s: usize) -> crate::Result<()> {
         let bad = |m: String| Err(crate::Error::Config(m));

@@ -64,10 +64,11 @@ impl ModelInfo {
                 reason: format!("metadata '{k}': {e}"),
             })
         };
-        let operator: Operator = serde_json::from_str(&get(keys::OPERATOR)?).map_err(|e| RuntimeError::Model {
-            path: origin.into(),
-            reason: format!("metadata '{}': {e}", keys::OPERATOR),
-        })?;
+        let operator: Operator =
+            serde_json::from_str(&get(keys::OPERATOR)?).map_err(|e| RuntimeError::Model {
+                path: origin.into(),
+                reason: format!("metadata '{}': {e}", keys::OPERATOR),
+            })?;
         Ok(Self {
             operator,
             sigma_y: num(keys::SIGMA_Y)?,
@@ -81,7 +82,8 @@ impl ModelInfo {
 
     /// `[Cy, Hy, Wy]` of the measurements the model takes.
     pub fn measurement_shape(&self) -> [usize; 3] {
-        self.operator.measurement_shape(self.channels, self.image_size)
+        self.operator
+            .measurement_shape(self.channels, self.image_size)
     }
 
     /// `[C, S, S]` of the images it returns.
@@ -139,7 +141,10 @@ impl Default for SessionOptions {
 }
 
 fn ort_err(path: &Path, what: &str, e: impl std::fmt::Display) -> RuntimeError {
-    RuntimeError::Model { path: path.display().to_string(), reason: format!("{what}: {e}") }
+    RuntimeError::Model {
+        path: path.display().to_string(),
+        reason: format!("{what}: {e}"),
+    }
 }
 
 /// A loaded model.
@@ -161,18 +166,24 @@ pub fn session(source: ModelSource<'_>, opts: &SessionOptions) -> Result<Session
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(|e| ort_err(&path, "optimization level", e))?;
     let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     } else {
         opts.threads
     };
-    b = b.with_intra_threads(threads).map_err(|e| ort_err(&path, "threads", e))?;
+    b = b
+        .with_intra_threads(threads)
+        .map_err(|e| ort_err(&path, "threads", e))?;
     match opts.ep {
         Ep::Cpu => {}
         Ep::Cuda => b = register_cuda(b, opts, &path)?,
         Ep::Tensorrt => b = register_tensorrt(b, opts, &path)?,
     }
     match source {
-        ModelSource::File(p) => b.commit_from_file(p).map_err(|e| ort_err(p, "cannot load the model", e)),
+        ModelSource::File(p) => b
+            .commit_from_file(p)
+            .map_err(|e| ort_err(p, "cannot load the model", e)),
         ModelSource::Bytes(bytes, _) => b
             .commit_from_memory(bytes)
             .map_err(|e| ort_err(&path, "cannot load the model", e)),
@@ -185,11 +196,15 @@ fn register_cuda(
     opts: &SessionOptions,
     path: &Path,
 ) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
-    let cuda = ep::CUDA::default().with_device_id(opts.device).build().error_on_failure();
-    b.with_execution_providers([cuda]).map_err(|e| RuntimeError::Ep {
-        ep: "cuda".into(),
-        reason: format!("{e} (model {})", path.display()),
-    })
+    let cuda = ep::CUDA::default()
+        .with_device_id(opts.device)
+        .build()
+        .error_on_failure();
+    b.with_execution_providers([cuda])
+        .map_err(|e| RuntimeError::Ep {
+            ep: "cuda".into(),
+            reason: format!("{e} (model {})", path.display()),
+        })
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -198,7 +213,10 @@ fn register_cuda(
     _opts: &SessionOptions,
     _path: &Path,
 ) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
-    Err(RuntimeError::Ep { ep: "cuda".into(), reason: "this davi was built without the `cuda` feature".into() })
+    Err(RuntimeError::Ep {
+        ep: "cuda".into(),
+        reason: "this davi was built without the `cuda` feature".into(),
+    })
 }
 
 #[cfg(feature = "tensorrt")]
@@ -219,11 +237,15 @@ fn register_tensorrt(
     }
     let trt = trt.build().error_on_failure();
     // CUDA after TensorRT for the nodes TensorRT does not take.
-    let cuda = ep::CUDA::default().with_device_id(opts.device).build().error_on_failure();
-    b.with_execution_providers([trt, cuda]).map_err(|e| RuntimeError::Ep {
-        ep: "tensorrt".into(),
-        reason: format!("{e} (model {})", path.display()),
-    })
+    let cuda = ep::CUDA::default()
+        .with_device_id(opts.device)
+        .build()
+        .error_on_failure();
+    b.with_execution_providers([trt, cuda])
+        .map_err(|e| RuntimeError::Ep {
+            ep: "tensorrt".into(),
+            reason: format!("{e} (model {})", path.display()),
+        })
 }
 
 #[cfg(not(feature = "tensorrt"))]
@@ -259,10 +281,15 @@ impl Model {
     /// Loads a DAVI model and reads its metadata.
     pub fn load(path: &Path, opts: &SessionOptions) -> Result<Self, RuntimeError> {
         if !path.is_file() {
-            return Err(RuntimeError::Model { path: path.display().to_string(), reason: "no such file".into() });
+            return Err(RuntimeError::Model {
+                path: path.display().to_string(),
+                reason: "no such file".into(),
+            });
         }
         let session = session(ModelSource::File(path), opts)?;
-        let md = session.metadata().map_err(|e| ort_err(path, "metadata", e))?;
+        let md = session
+            .metadata()
+            .map_err(|e| ort_err(path, "metadata", e))?;
         let mut m = BTreeMap::new();
         for k in md.custom_keys().map_err(|e| ort_err(path, "metadata", e))? {
             if let Some(v) = md.custom(&k) {
@@ -271,22 +298,33 @@ impl Model {
         }
         drop(md);
         let info = ModelInfo::from_metadata(&m, &path.display().to_string())?;
-        Ok(Self { session, info, path: path.to_path_buf() })
+        Ok(Self {
+            session,
+            info,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Runs one batch.
     ///
     /// # Shapes
     /// - `measurement`: [N, Cy, Hy, Wy]; `noise`: [N, C, S, S] -> [N, C, S, S]
-    pub fn restore(&mut self, measurement: &Array4<f32>, noise: &Array4<f32>) -> Result<ArrayD<f32>, RuntimeError> {
+    pub fn restore(
+        &mut self,
+        measurement: &Array4<f32>,
+        noise: &Array4<f32>,
+    ) -> Result<ArrayD<f32>, RuntimeError> {
         let p = self.path.clone();
-        let m = TensorRef::from_array_view(measurement.view()).map_err(|e| ort_err(&p, "measurement", e))?;
+        let m = TensorRef::from_array_view(measurement.view())
+            .map_err(|e| ort_err(&p, "measurement", e))?;
         let z = TensorRef::from_array_view(noise.view()).map_err(|e| ort_err(&p, "noise", e))?;
         let out = self
             .session
             .run(ort::inputs!["measurement" => m, "noise" => z])
             .map_err(|e| ort_err(&p, "run", e))?;
-        let img = out["image"].try_extract_array::<f32>().map_err(|e| ort_err(&p, "output", e))?;
+        let img = out["image"]
+            .try_extract_array::<f32>()
+            .map_err(|e| ort_err(&p, "output", e))?;
         Ok(img.to_owned())
     }
 }

@@ -14,7 +14,10 @@ pub fn find_library(cli: Option<&Path>) -> Result<PathBuf, RuntimeError> {
         return if p.is_file() {
             Ok(p.to_path_buf())
         } else {
-            Err(RuntimeError::OrtLibrary(format!("--ort-lib {}: no such file", p.display())))
+            Err(RuntimeError::OrtLibrary(format!(
+                "--ort-lib {}: no such file",
+                p.display()
+            )))
         };
     }
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
@@ -22,7 +25,10 @@ pub fn find_library(cli: Option<&Path>) -> Result<PathBuf, RuntimeError> {
         return if p.is_file() {
             Ok(p)
         } else {
-            Err(RuntimeError::OrtLibrary(format!("ORT_DYLIB_PATH={}: no such file", p.display())))
+            Err(RuntimeError::OrtLibrary(format!(
+                "ORT_DYLIB_PATH={}: no such file",
+                p.display()
+            )))
         };
     }
     let exe = std::env::current_exe().ok();
@@ -57,8 +63,9 @@ pub fn environment(lib: Option<&Path>) -> Result<&'static Environment, RuntimeEr
         return Ok(env);
     }
     let path = find_library(lib)?;
-    let builder = ort::init_from(&path)
-        .map_err(|e| RuntimeError::OrtLibrary(format!("{}: cannot load ONNX Runtime: {e}", path.display())))?;
+    let builder = ort::init_from(&path).map_err(|e| {
+        RuntimeError::OrtLibrary(format!("{}: cannot load ONNX Runtime: {e}", path.display()))
+    })?;
     let env = builder
         .with_name("davi")
         .build()

@@ -1,0 +1,151 @@
+//! `davi degrade`: measurements `y = H x + n` of clean images, made by the same operator code
+//! that training uses (recorded to ONNX by `davi-export` and run here).
+
+use crate::images::{self, Format};
+use crate::model::{session, ModelSource, SessionOptions};
+use crate::pipeline::{noise, Failure, Report};
+use crate::RuntimeError;
+use davi_models::Operator;
+use ndarray::{Array4, Axis};
+use ort::value::TensorRef;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// What `degrade` does.
+pub struct DegradeOptions {
+    /// Clean image file or folder.
+    pub input: PathBuf,
+    /// Output folder (PNG, relative paths mirrored).
+    pub output: PathBuf,
+    /// The operator, given or built per image size from `task`.
+    pub operator: Option<Operator>,
+    /// The task name when no operator is given.
+    pub task: Option<String>,
+    /// Image channels (1 or 3); `None`: as the image is.
+    pub channels: Option<usize>,
+    /// Measurement noise (None: the task's default).
+    pub sigma_y: Option<f64>,
+    /// Seed of the measurement noise.
+    pub seed: u64,
+}
+
+fn list(input: &Path) -> Result<Vec<(PathBuf, PathBuf)>, RuntimeError> {
+    if input.is_file() {
+        return Ok(vec![(
+            input.to_path_buf(),
+            PathBuf::from(input.file_name().unwrap_or_default()),
+        )]);
+    }
+    let mut v = Vec::new();
+    for e in walkdir::WalkDir::new(input).sort_by_file_name() {
+        let e = e.map_err(|e| RuntimeError::io(input, e))?;
+        if e.file_type().is_file() && images::is_image_path(e.path()) {
+            let rel = e
+                .path()
+                .strip_prefix(input)
+                .unwrap_or(e.path())
+                .to_path_buf();
+            v.push((e.path().to_path_buf(), rel));
+        }
+    }
+    Ok(v)
+}
+
+/// Degrades every image; per-file problems are counted in the report.
+pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, RuntimeError> {
+    let start = Instant::now();
+    let mut report = Report::default();
+    let mut sessions: HashMap<(usize, usize), (ort::session::Session, Operator)> = HashMap::new();
+    let files = list(&opts.input)?;
+    report.found = files.len();
+    for (path, rel) in files {
+        let fail = |report: &mut Report, reason: String| {
+            report.failed.push(Failure {
+                path: path.display().to_string(),
+                reason,
+            })
+        };
+        let c = match opts.channels {
+            Some(c) => c,
+            None => match image::open(&path) {
+                Ok(img) if img.color().has_color() => 3,
+                Ok(_) => 1,
+                Err(e) => {
+                    fail(&mut report, format!("cannot decode: {e}"));
+                    continue;
+                }
+            },
+        };
+        let x = match images::load(&path, c, None) {
+            Ok(x) => x,
+            Err(r) => {
+                fail(&mut report, r);
+                continue;
+            }
+        };
+        let (_, h, w) = x.dim();
+        if h != w {
+            fail(
+                &mut report,
+                format!("image is {w}x{h}; the operators take square images"),
+            );
+            continue;
+        }
+        if !sessions.contains_key(&(c, h)) {
+            let op = match (&opts.operator, &opts.task) {
+                (Some(op), _) => op.clone(),
+                (None, Some(t)) => {
+                    Operator::for_task(t, h).map_err(|e| RuntimeError::Usage(e.to_string()))?
+                }
+                (None, None) => return Err(RuntimeError::Usage("give --task or -m MODEL".into())),
+            };
+            let proto = match davi_export::export_operator(&op, c, h) {
+                Ok(p) => p,
+                Err(e) => {
+                    fail(
+                        &mut report,
+                        format!("operator does not fit this image: {e}"),
+                    );
+                    continue;
+                }
+            };
+            let bytes = davi_export::to_bytes(&proto);
+            let s = session(ModelSource::Bytes(&bytes, "operator"), sess)?;
+            sessions.insert((c, h), (s, op));
+        }
+        let (s, op) = sessions.get_mut(&(c, h)).expect("inserted");
+        let sigma_y = opts.sigma_y.unwrap_or_else(|| op.default_sigma_y()) as f32;
+        let input = x.insert_axis(Axis(0));
+        let input: Array4<f32> = input.into_dimensionality().expect("rank 4");
+        let tensor = TensorRef::from_array_view(input.view())
+            .map_err(|e| RuntimeError::Usage(e.to_string()))?;
+        let out = s
+            .run(ort::inputs!["image" => tensor])
+            .map_err(|e| RuntimeError::Model {
+                path: "operator".into(),
+                reason: e.to_string(),
+            })?;
+        let mut y = out["measurement"]
+            .try_extract_array::<f32>()
+            .map_err(|e| RuntimeError::Model {
+                path: "operator".into(),
+                reason: e.to_string(),
+            })?
+            .to_owned();
+        let n = noise(opts.seed, "measurement", &rel, 0, y.len());
+        y.iter_mut().zip(n).for_each(|(v, z)| *v += sigma_y * z);
+        let y3 = y
+            .index_axis_move(Axis(0), 0)
+            .into_dimensionality::<ndarray::Ix3>()
+            .expect("rank 3");
+        let dst = crate::pipeline::output_path(&opts.output, &rel, Format::Png, "");
+        match images::encode(y3.view(), Format::Png).and_then(|b| images::write_atomic(&dst, &b)) {
+            Ok(()) => report.restored += 1,
+            Err(r) => fail(&mut report, r),
+        }
+    }
+    report.seconds = start.elapsed().as_secs_f64();
+    report.images_per_second = report.restored as f64 / report.seconds.max(1e-9);
+    Ok(report)
+}

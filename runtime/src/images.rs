@@ -1,0 +1,149 @@
+//! Decoding images into model tensors and encoding results, atomically.
+
+use ndarray::{Array3, ArrayView3};
+use std::io::Write;
+use std::path::Path;
+
+/// Extensions `davi` reads.
+pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"];
+
+/// Whether `path` has one of [`IMAGE_EXTENSIONS`].
+pub fn is_image_path(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Lossless PNG.
+    Png,
+    /// JPEG, quality 95.
+    Jpg,
+    /// Lossless WebP.
+    Webp,
+}
+
+impl Format {
+    /// The file extension.
+    pub fn ext(self) -> &'static str {
+        match self {
+            Format::Png => "png",
+            Format::Jpg => "jpg",
+            Format::Webp => "webp",
+        }
+    }
+}
+
+/// Decodes an image file to `[c, h, w]` in [-1, 1] with `c` channels (1: grey as the channel mean,
+/// the colorization operator's `H`; 3: RGB). Alpha is dropped; 16-bit and float inputs keep
+/// their precision until the conversion. `Err` is the reason, for the report.
+pub fn load(
+    path: &Path,
+    c: usize,
+    expect_hw: Option<(usize, usize)>,
+) -> Result<Array3<f32>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.is_empty() {
+        return Err("empty file".into());
+    }
+    let img = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read: {e}"))?
+        .decode()
+        .map_err(|e| format!("cannot decode: {e}"))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if let Some((eh, ew)) = expect_hw {
+        if (h, w) != (eh, ew) {
+            return Err(format!(
+                "wrong size: the model takes {ew}x{eh} images, this one is {w}x{h}"
+            ));
+        }
+    }
+    let rgb = img.to_rgb32f();
+    let grey_source = !img.color().has_color();
+    let mut out = Array3::<f32>::zeros((c, h, w));
+    for (x, y, p) in rgb.enumerate_pixels() {
+        let (x, y) = (x as usize, y as usize);
+        match c {
+            1 => {
+                let v = if grey_source {
+                    p[0]
+                } else {
+                    (p[0] + p[1] + p[2]) / 3.0
+                };
+                out[[0, y, x]] = v * 2.0 - 1.0;
+            }
+            _ => {
+                for k in 0..c.min(3) {
+                    out[[k, y, x]] = p[k] * 2.0 - 1.0;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `[c, h, w]` in [-1, 1] to 8-bit pixels (round to nearest).
+pub fn to_u8(x: f32) -> u8 {
+    (((x.clamp(-1.0, 1.0) + 1.0) * 127.5) + 0.5)
+        .floor()
+        .min(255.0) as u8
+}
+
+/// Encodes `[c, h, w]` in [-1, 1] (c = 1 or 3) in `format`.
+pub fn encode(img: ArrayView3<f32>, format: Format) -> Result<Vec<u8>, String> {
+    let (c, h, w) = img.dim();
+    let dynimg = match c {
+        1 => image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(
+            w as u32,
+            h as u32,
+            |x, y| image::Luma([to_u8(img[[0, y as usize, x as usize]])]),
+        )),
+        3 => {
+            image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+                let (x, y) = (x as usize, y as usize);
+                image::Rgb([
+                    to_u8(img[[0, y, x]]),
+                    to_u8(img[[1, y, x]]),
+                    to_u8(img[[2, y, x]]),
+                ])
+            }))
+        }
+        _ => return Err(format!("cannot encode an image of {c} channels")),
+    };
+    let mut buf = Vec::new();
+    let mut cur = std::io::Cursor::new(&mut buf);
+    match format {
+        Format::Png => dynimg.write_to(&mut cur, image::ImageFormat::Png),
+        Format::Webp => dynimg.write_to(&mut cur, image::ImageFormat::WebP),
+        Format::Jpg => {
+            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut cur, 95);
+            dynimg.write_with_encoder(enc)
+        }
+    }
+    .map_err(|e| format!("cannot encode: {e}"))?;
+    Ok(buf)
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then renamed.
+/// A crash leaves either the old state or the whole new file, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let dir = path.parent().ok_or("no parent folder")?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let name = path.file_name().ok_or("no file name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("cannot write {}: {e}", path.display()));
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! `davi verify`: reruns the parity fixtures beside a model and compares with what tch computed.
+
+use crate::{Model, RuntimeError};
+use ndarray::{Array4, ArrayD};
+use std::path::Path;
+
+/// Outcome of a parity check.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Parity {
+    /// Number of input pairs.
+    pub k: usize,
+    /// Largest absolute difference.
+    pub max_abs: f64,
+    /// Mean absolute difference.
+    pub mean_abs: f64,
+    /// PSNR between the two outputs on [-1, 1] (peak-to-peak 2).
+    pub psnr_db: f64,
+    /// The criterion applied.
+    pub criterion: String,
+    /// Whether it holds.
+    pub pass: bool,
+}
+
+/// Tolerance of `shared/DESIGN.md` section 3 for fp32 execution.
+pub const FP32_MAX_ABS: f64 = 1e-4;
+/// Tolerance for fp16 / TensorRT.
+pub const FP16_MIN_PSNR: f64 = 40.0;
+
+fn read4(
+    st: &safetensors::SafeTensors,
+    name: &str,
+    path: &Path,
+) -> Result<Array4<f32>, RuntimeError> {
+    let v = st
+        .tensor(name)
+        .map_err(|_| RuntimeError::io(path, format!("no tensor '{name}' in the parity file")))?;
+    if v.dtype() != safetensors::Dtype::F32 || v.shape().len() != 4 {
+        return Err(RuntimeError::io(
+            path,
+            format!(
+                "tensor '{name}' must be f32 of rank 4, is {:?} {:?}",
+                v.dtype(),
+                v.shape()
+            ),
+        ));
+    }
+    let data: Vec<f32> = v
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let s = v.shape();
+    Array4::from_shape_vec((s[0], s[1], s[2], s[3]), data).map_err(|e| RuntimeError::io(path, e))
+}
+
+/// Compares two outputs.
+pub fn compare(a: &ArrayD<f32>, b: &ArrayD<f32>, fp16: bool) -> Parity {
+    let n = a.len().max(1) as f64;
+    let mut max_abs = 0f64;
+    let mut sum_abs = 0f64;
+    let mut sum_sq = 0f64;
+    for (x, y) in a.iter().zip(b.iter()) {
+        let d = (*x as f64 - *y as f64).abs();
+        max_abs = max_abs.max(d);
+        sum_abs += d;
+        sum_sq += d * d;
+    }
+    let mse = sum_sq / n;
+    let psnr_db = if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (4.0 / mse).log10()
+    };
+    let (criterion, pass) = if fp16 {
+        (
+            format!("PSNR >= {FP16_MIN_PSNR} dB (fp16 / TensorRT)"),
+            psnr_db >= FP16_MIN_PSNR,
+        )
+    } else {
+        (
+            format!("max |diff| <= {FP32_MAX_ABS} (fp32)"),
+            max_abs <= FP32_MAX_ABS,
+        )
+    };
+    Parity {
+        k: a.shape().first().copied().unwrap_or(0),
+        max_abs,
+        mean_abs: sum_abs / n,
+        psnr_db,
+        criterion,
+        pass,
+    }
+}
+
+/// Runs the parity file's inputs through `model` and compares with its `image` outputs.
+pub fn verify(model: &mut Model, parity: &Path, fp16: bool) -> Result<Parity, RuntimeError> {
+    let bytes = std::fs::read(parity).map_err(|e| RuntimeError::io(parity, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| RuntimeError::io(parity, format!("not a safetensors file: {e}")))?;
+    let meas = read4(&st, "measurement", parity)?;
+    let noise = read4(&st, "noise", parity)?;
+    let want = read4(&st, "image", parity)?.into_dyn();
+    let got = model.restore(&meas, &noise)?;
+    if got.shape() != want.shape() {
+        return Err(RuntimeError::Model {
+            path: model.path.display().to_string(),
+            reason: format!(
+                "output shape {:?} differs from the parity file's {:?}",
+                got.shape(),
+                want.shape()
+            ),
+        });
+    }
+    Ok(compare(&got, &want, fp16))
+}

@@ -1,0 +1,187 @@
+//! The recording backend's ONNX graphs run in ONNX Runtime and compute what the reference does.
+
+use davi_export::{export_operator, export_unet, write_model, ExportOptions, Weights};
+use davi_models::{Operator, UNetConfig, UNetModel};
+use davi_runtime::model::{session, ModelSource, SessionOptions};
+use davi_tests::fixtures;
+use ndarray::{ArrayD, IxDyn};
+use ort::value::TensorRef;
+
+fn fixture() -> (UNetModel, Weights, Weights) {
+    let dir = fixtures().join("guided-diffusion");
+    let cfg = UNetConfig::from_file(&dir.join("adm_rgb32.config.json")).unwrap();
+    let unet = UNetModel::new(&cfg).unwrap();
+    let w = Weights::load(&dir.join("adm_rgb32.weights.safetensors")).unwrap();
+    let io = Weights::load(&dir.join("adm_rgb32.io.safetensors")).unwrap();
+    (unet, w, io)
+}
+
+fn run(bytes: &[u8], input: &str, x: &ArrayD<f32>, output: &str) -> ArrayD<f32> {
+    let mut s = session(
+        ModelSource::Bytes(bytes, "test"),
+        &SessionOptions::default(),
+    )
+    .unwrap();
+    let t = TensorRef::from_array_view(x.view()).unwrap();
+    let out = s.run(ort::inputs![input => t]).unwrap();
+    out[output].try_extract_array::<f32>().unwrap().to_owned()
+}
+
+fn max_abs(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter()
+        .zip(b.iter())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn fixture_unet_in_onnx_runtime_matches_reference() {
+    let (unet, w, io) = fixture();
+    let ts: Vec<f32> = io.tensors["timesteps"].iter().copied().collect();
+    let proto = export_unet(
+        &unet,
+        &w,
+        &ts,
+        &ExportOptions {
+            static_batch: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let bytes = davi_export::to_bytes(&proto);
+    let out = run(&bytes, "x", &io.tensors["x"], "output");
+    let d = max_abs(&out, &io.tensors["output"]);
+    assert!(d <= 1e-4, "max |diff| {d}");
+    // Every initializer carries a checkpoint name or is a constant the model code made.
+    let g = proto.graph.unwrap();
+    for t in &g.initializer {
+        assert!(
+            w.tensors.contains_key(&t.name) || t.name.starts_with("const"),
+            "{}",
+            t.name
+        );
+    }
+}
+
+#[test]
+fn external_data_model_loads_and_matches() {
+    let (unet, w, io) = fixture();
+    let ts: Vec<f32> = io.tensors["timesteps"].iter().copied().collect();
+    let proto = export_unet(
+        &unet,
+        &w,
+        &ts,
+        &ExportOptions {
+            static_batch: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.onnx");
+    write_model(proto, &path, true).unwrap();
+    let data = dir.path().join("model.onnx.data");
+    assert!(data.is_file());
+    let (model_len, data_len) = (
+        std::fs::metadata(&path).unwrap().len(),
+        std::fs::metadata(&data).unwrap().len(),
+    );
+    // Tensors under 1 KiB stay inline (as onnx's own writer does); the bulk moves out.
+    assert!(
+        data_len > 8 * model_len,
+        "model {model_len} B, data {data_len} B"
+    );
+    let mut s = session(ModelSource::File(&path), &SessionOptions::default()).unwrap();
+    let t = TensorRef::from_array_view(io.tensors["x"].view()).unwrap();
+    let out = s.run(ort::inputs!["x" => t]).unwrap();
+    let out = out["output"].try_extract_array::<f32>().unwrap().to_owned();
+    assert!(max_abs(&out, &io.tensors["output"]) <= 1e-4);
+}
+
+#[test]
+fn fp16_export_stays_close() {
+    let (unet, w, io) = fixture();
+    let ts: Vec<f32> = io.tensors["timesteps"].iter().copied().collect();
+    let proto = export_unet(
+        &unet,
+        &w,
+        &ts,
+        &ExportOptions {
+            static_batch: Some(2),
+            fp16: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let bytes = davi_export::to_bytes(&proto);
+    let out = run(&bytes, "x", &io.tensors["x"], "output");
+    let want = &io.tensors["output"];
+    let mse: f32 = out
+        .iter()
+        .zip(want.iter())
+        .map(|(a, b)| (a - b).powi(2))
+        .sum::<f32>()
+        / out.len() as f32;
+    let peak = want.iter().fold(0f32, |m, v| m.max(v.abs())) * 2.0;
+    let psnr = 10.0 * (peak * peak / mse).log10();
+    assert!(psnr > 40.0, "fp16 PSNR {psnr}");
+}
+
+#[test]
+fn operators_in_onnx_match_direct_computation() {
+    let s = 8;
+    let x = ArrayD::from_shape_fn(IxDyn(&[2, 3, s, s]), |ix| {
+        ((ix[0] * 7 + ix[1] * 3 + ix[2] * 5 + ix[3]) % 11) as f32 / 5.5 - 1.0
+    });
+    // SR x2: average pooling.
+    let op = Operator::SuperRes { scale: 2 };
+    let y = run(
+        &davi_export::to_bytes(&export_operator(&op, 3, s).unwrap()),
+        "image",
+        &x,
+        "measurement",
+    );
+    assert_eq!(y.shape(), &[2, 3, 4, 4]);
+    let want = (x[[1, 2, 2, 4]] + x[[1, 2, 2, 5]] + x[[1, 2, 3, 4]] + x[[1, 2, 3, 5]]) / 4.0;
+    assert!((y[[1, 2, 1, 2]] - want).abs() < 1e-6);
+    // Colorization: channel mean.
+    let y = run(
+        &davi_export::to_bytes(&export_operator(&Operator::Colorize, 3, s).unwrap()),
+        "image",
+        &x,
+        "measurement",
+    );
+    assert_eq!(y.shape(), &[2, 1, s, s]);
+    let want = (x[[0, 0, 3, 3]] + x[[0, 1, 3, 3]] + x[[0, 2, 3, 3]]) / 3.0;
+    assert!((y[[0, 0, 3, 3]] - want).abs() < 1e-6);
+    // Inpainting: the centred box is zeroed, the rest kept.
+    let op = Operator::Inpaint { box_size: 4 };
+    let y = run(
+        &davi_export::to_bytes(&export_operator(&op, 3, s).unwrap()),
+        "image",
+        &x,
+        "measurement",
+    );
+    assert_eq!(y[[0, 1, 3, 3]], 0.0);
+    assert_eq!(y[[0, 1, 1, 3]], x[[0, 1, 1, 3]]);
+    // Deblur: a centre pixel is the kernel-weighted sum of its neighbourhood.
+    let op = Operator::Deblur {
+        kernel_size: 3,
+        sigma: 1.0,
+    };
+    let y = run(
+        &davi_export::to_bytes(&export_operator(&op, 3, s).unwrap()),
+        "image",
+        &x,
+        "measurement",
+    );
+    let k = Operator::gaussian_kernel(3, 1.0);
+    let mut want = 0.0;
+    for a in 0..3 {
+        for b in 0..3 {
+            want += k[a * 3 + b] * x[[1, 0, 3 + a - 1, 4 + b - 1]];
+        }
+    }
+    assert!((y[[1, 0, 3, 4]] - want).abs() < 1e-5);
+}
