@@ -162,10 +162,11 @@ impl Bridge {
     }
 }
 
-/// `a = floor(T * u^(1/3))`, a draw of `floor(T * Beta(3, 1))` from a uniform `u` in [0, 1)
-/// (Beta(3, 1) has CDF x^3), clamped to `0..T-1`.
+/// A bridge step drawn as the official code does, `trunc(T * b - 0.5)` with `b ~ Beta(3, 1)`,
+/// from a uniform `u` in [0, 1) (`b = u^(1/3)`: Beta(3, 1) has CDF x^3), within `0..T-1`.
 pub fn beta31_step(u: f64, t: usize) -> usize {
-    ((t as f64 * u.cbrt()).floor() as usize).min(t - 1)
+    let a = t as f64 * u.cbrt() - 0.5;
+    (a.max(0.0) as usize).min(t - 1)
 }
 
 #[cfg(test)]
@@ -206,6 +207,7 @@ mod tests {
         assert_eq!(beta31_step(0.999_999_9, 1000), 999);
         // median of Beta(3,1) is 2^(-1/3) ~ 0.794
         assert_eq!(beta31_step(0.5, 1000), 793);
+        assert_eq!(beta31_step(1e-12, 1000), 0);
     }
 
     #[test]

@@ -121,6 +121,18 @@ enum Cmd {
         /// Write per-image scores as CSV.
         #[arg(long)]
         csv: Option<PathBuf>,
+        /// Write the Markdown table to a file too.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// Write a contact sheet PNG (measurement | restored | reference).
+        #[arg(long)]
+        sheet: Option<PathBuf>,
+        /// The measurements, for the sheet's first column.
+        #[arg(long)]
+        measurement: Option<PathBuf>,
+        /// Rows of the sheet.
+        #[arg(long, default_value_t = 8)]
+        sheet_rows: usize,
     },
     /// Check the ONNX output against what tch computed (`model.parity.safetensors`).
     Verify {
@@ -282,6 +294,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             reference,
             json,
             csv,
+            markdown,
+            sheet,
+            measurement,
+            sheet_rows,
         } => {
             let e = metrics::evaluate(&restored, &reference, None)?;
             print!("{}", e.markdown());
@@ -299,6 +315,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(p) = csv {
                 davi_runtime::images::write_atomic(&p, e.csv().as_bytes())
                     .map_err(anyhow::Error::msg)?;
+            }
+            if let Some(p) = markdown {
+                davi_runtime::images::write_atomic(&p, e.markdown().as_bytes())
+                    .map_err(anyhow::Error::msg)?;
+            }
+            if let Some(p) = sheet {
+                metrics::sheet(
+                    &e,
+                    &restored,
+                    &reference,
+                    measurement.as_deref(),
+                    sheet_rows,
+                    &p,
+                )?;
+                eprintln!("davi: wrote {}", p.display());
             }
             Ok(if e.missing.is_empty() {
                 ExitCode::SUCCESS

@@ -125,3 +125,73 @@ impl Evaluation {
         )
     }
 }
+
+/// A contact sheet: one row per image (up to `rows`), columns measurement (nearest-upscaled to
+/// the image size, when given) | restored | reference, 2 px white gaps, 4x magnified.
+pub fn sheet(
+    eval: &Evaluation,
+    restored: &Path,
+    reference: &Path,
+    measurement: Option<&Path>,
+    rows: usize,
+    out: &Path,
+) -> Result<(), RuntimeError> {
+    let find = |dir: &Path, rel: &str| {
+        ["png", "jpg", "webp"]
+            .iter()
+            .map(|e| dir.join(rel).with_extension(e))
+            .find(|p| p.is_file())
+    };
+    let mut tiles: Vec<Vec<image::RgbImage>> = Vec::new();
+    for s in eval.images.iter().take(rows) {
+        let mut row = Vec::new();
+        let mut dirs: Vec<&Path> = Vec::new();
+        if let Some(m) = measurement {
+            dirs.push(m);
+        }
+        dirs.push(restored);
+        dirs.push(reference);
+        let reference_img = image::open(reference.join(&s.path))
+            .map_err(|e| RuntimeError::io(&reference.join(&s.path), e))?;
+        let (w, h) = (reference_img.width(), reference_img.height());
+        for d in dirs {
+            let p =
+                find(d, &s.path).ok_or_else(|| RuntimeError::io(&d.join(&s.path), "not found"))?;
+            let img = image::open(&p)
+                .map_err(|e| RuntimeError::io(&p, e))?
+                .to_rgb8();
+            let img =
+                image::imageops::resize(&img, w * 4, h * 4, image::imageops::FilterType::Nearest);
+            row.push(img);
+        }
+        tiles.push(row);
+    }
+    if tiles.is_empty() {
+        return Err(RuntimeError::Usage(
+            "no images to put on a contact sheet".into(),
+        ));
+    }
+    let (tw, th) = (tiles[0][0].width(), tiles[0][0].height());
+    let cols = tiles[0].len() as u32;
+    let gap = 2;
+    let mut canvas = image::RgbImage::from_pixel(
+        cols * (tw + gap) + gap,
+        tiles.len() as u32 * (th + gap) + gap,
+        image::Rgb([255, 255, 255]),
+    );
+    for (r, row) in tiles.iter().enumerate() {
+        for (c, t) in row.iter().enumerate() {
+            image::imageops::overlay(
+                &mut canvas,
+                t,
+                (gap + c as u32 * (tw + gap)) as i64,
+                (gap + r as u32 * (th + gap)) as i64,
+            );
+        }
+    }
+    let mut buf = Vec::new();
+    canvas
+        .write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)
+        .map_err(|e| RuntimeError::io(out, e))?;
+    images::write_atomic(out, &buf).map_err(|e| RuntimeError::io(out, e))
+}

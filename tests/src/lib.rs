@@ -34,3 +34,106 @@ pub fn bin(name: &str) -> PathBuf {
     );
     p
 }
+
+/// Writes a small DAVI model with random weights (no training, no libtorch) for runtime tests:
+/// a grey 32 px model of `task` (`deblur`, `sr`, `inpaint`, `denoise`) or an RGB `colorize` one.
+pub fn random_model(dir: &std::path::Path, task: &str) -> PathBuf {
+    use davi_models::{card::TaskConfig, DaviConfig, Implicit, Operator, UNetConfig};
+    use rand::{Rng, SeedableRng};
+    let c = if task == "colorize" { 3 } else { 1 };
+    let unet: UNetConfig = serde_yaml::from_str(&format!(
+        "image_size: 32\nin_channels: {c}\nmodel_channels: 32\nout_channels: {c}\nnum_res_blocks: 1\n\
+         attention_resolutions: [16]\nchannel_mult: [1, 2]\nnum_head_channels: 32\n\
+         use_scale_shift_norm: true\nresblock_updown: true\n"
+    ))
+    .unwrap();
+    let operator = Operator::for_task(task, 32).unwrap();
+    let sigma_y = operator.default_sigma_y();
+    let cfg = DaviConfig {
+        name: format!("random-{task}"),
+        unet,
+        diffusion: Default::default(),
+        task: Some(TaskConfig {
+            operator,
+            sigma_y,
+            h: 0.1,
+        }),
+        data: None,
+        train: None,
+    };
+    let implicit = Implicit::new(&cfg).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut weights = davi_export::Weights::default();
+    for (name, shape) in implicit.unet.param_shapes() {
+        let n: usize = shape.iter().product();
+        let fan_in = if shape.len() > 1 {
+            shape[1..].iter().product::<usize>()
+        } else {
+            1
+        };
+        let scale = if name.ends_with(".weight") && shape.len() == 1 {
+            0.0
+        } else {
+            1.0 / (fan_in as f32).sqrt()
+        };
+        let base = if name.ends_with(".weight") && shape.len() == 1 {
+            1.0
+        } else {
+            0.0
+        };
+        let v: Vec<f32> = (0..n)
+            .map(|_| base + scale * (rng.random::<f32>() * 2.0 - 1.0))
+            .collect();
+        weights.tensors.insert(
+            name.clone(),
+            ndarray::ArrayD::from_shape_vec(shape.clone(), v).unwrap(),
+        );
+    }
+    let md = vec![
+        ("davi.task".to_string(), task.to_string()),
+        (
+            "davi.operator".into(),
+            serde_json::to_string(&cfg.task.as_ref().unwrap().operator).unwrap(),
+        ),
+        ("davi.sigma_y".into(), sigma_y.to_string()),
+        ("davi.h".into(), "0.1".into()),
+        ("davi.image_size".into(), "32".into()),
+        ("davi.channels".into(), c.to_string()),
+        ("davi.config_hash".into(), cfg.hash()),
+        ("davi.tool_version".into(), davi_export::TOOL_VERSION.into()),
+    ];
+    let proto =
+        davi_export::export_implicit(&implicit, &weights, &Default::default(), &md).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("model.onnx");
+    davi_export::write_model(proto, &path, false).unwrap();
+    path
+}
+
+/// Writes `n` grey 32x32 PNG measurements with varied content as `dir/img_###.png`.
+pub fn write_images(dir: &std::path::Path, n: usize, side: u32) -> Vec<PathBuf> {
+    std::fs::create_dir_all(dir).unwrap();
+    (0..n)
+        .map(|i| {
+            let img = image::GrayImage::from_fn(side, side, |x, y| {
+                image::Luma([((x * 7 + y * 3 + i as u32 * 29) % 256) as u8])
+            });
+            let p = dir.join(format!("img_{i:03}.png"));
+            img.save(&p).unwrap();
+            p
+        })
+        .collect()
+}
+
+/// Runs `davi` with arguments; returns (exit code, stdout, stderr).
+pub fn davi(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(bin("davi"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}

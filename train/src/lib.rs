@@ -3,6 +3,15 @@
 
 pub mod backend;
 pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod davi;
 pub mod device;
+pub mod diffusion;
+pub mod export;
+pub mod params;
+pub mod plot;
+pub mod prior;
+pub mod run;
 
 pub use backend::TchBackend;

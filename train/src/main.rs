@@ -38,6 +38,117 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Train (or resume) a diffusion prior: eps-prediction DDPM.
+    Prior {
+        /// Model config (models/configs/<name>.yaml).
+        #[arg(long)]
+        config: PathBuf,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Resume this run folder (its checkpoint, optimizer, EMA and step).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Run folder for a new run (default runs/<name>; resumed if it holds a run).
+        #[arg(long)]
+        run: Option<PathBuf>,
+        /// Override the config's number of steps.
+        #[arg(long)]
+        steps: Option<usize>,
+    },
+    /// Train (or resume) I_phi by amortized variational inference against a prior.
+    Davi {
+        /// Model config (models/configs/<name>.yaml).
+        #[arg(long)]
+        config: PathBuf,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Resume this run folder.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Run folder for a new run (default runs/<name>; resumed if it holds a run).
+        #[arg(long)]
+        run: Option<PathBuf>,
+        /// Override the config's number of steps.
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Override the teacher (prior) weights.
+        #[arg(long)]
+        teacher: Option<PathBuf>,
+    },
+    /// Export I_phi to ONNX with parity fixtures, and check them on ONNX Runtime's CPU EP.
+    Export {
+        /// DAVI checkpoint (its EMA weights are exported).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Model config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Output ONNX file (model.parity.safetensors is written beside it).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// ONNX opset (>= 17).
+        #[arg(long, default_value_t = 17)]
+        opset: i64,
+        /// A fixed batch size instead of a dynamic one.
+        #[arg(long)]
+        static_batch: Option<usize>,
+        /// Half-precision weights and compute (for the CUDA EP; TensorRT builds fp16 itself).
+        #[arg(long)]
+        fp16: bool,
+        /// Write the weights as ONNX external data (automatic above 2 GB).
+        #[arg(long)]
+        external_data: bool,
+        /// Number of parity pairs.
+        #[arg(short, default_value_t = 8)]
+        k: usize,
+        /// ONNX Runtime's library for the parity check.
+        #[arg(long)]
+        ort_lib: Option<PathBuf>,
+    },
+    /// Write images of a config's data set as PNG files (e.g. held-out test images).
+    Images {
+        /// Model config (its data section).
+        #[arg(long)]
+        config: PathBuf,
+        /// train or test.
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Number of images (the first n of the split).
+        #[arg(short, default_value_t = 32)]
+        n: usize,
+        /// Output folder.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Sample from a prior: ancestral DDPM or DDIM.
+    Sample {
+        /// Prior weights (safetensors; a run checkpoint's EMA is used).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Model config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Ancestral DDPM over this many steps (the schedule's own T).
+        #[arg(long, conflicts_with = "ddim")]
+        steps: Option<usize>,
+        /// DDIM (eta 0) over this many steps.
+        #[arg(long)]
+        ddim: Option<usize>,
+        /// Number of samples.
+        #[arg(short, default_value_t = 64)]
+        n: usize,
+        /// Output grid PNG.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +192,158 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let out = tch::no_grad(|| unet.forward(&b, x, &ts, None))?;
             checkpoint::save_tensors(&output, &[("output".to_string(), out)])?;
             eprintln!("wrote {}", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Prior {
+            config,
+            device,
+            resume,
+            run,
+            steps,
+        } => {
+            let dev = device::pick(&device)?;
+            let dir = davi_train::prior::train(&davi_train::prior::PriorArgs {
+                config,
+                device: dev,
+                run: resume.or(run),
+                steps,
+            })?;
+            eprintln!("run folder: {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Davi {
+            config,
+            device,
+            resume,
+            run,
+            steps,
+            teacher,
+        } => {
+            let dev = device::pick(&device)?;
+            let args = davi_train::davi::DaviArgs {
+                config,
+                device: dev,
+                run: resume.or(run),
+                steps,
+                teacher,
+            };
+            let dir = davi_train::davi::train(&args)?;
+            eprintln!("run folder: {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Export {
+            checkpoint: ckpt,
+            config,
+            output,
+            opset,
+            static_batch,
+            fp16,
+            external_data,
+            k,
+            ort_lib,
+        } => {
+            let args = davi_train::export::ExportArgs {
+                checkpoint: ckpt,
+                config,
+                output: output.clone(),
+                options: davi_export::ExportOptions {
+                    opset,
+                    static_batch,
+                    fp16,
+                },
+                external_data,
+                k,
+                seed: 0,
+            };
+            let parity = davi_train::export::export(&args)?;
+            let opts = davi_runtime::SessionOptions {
+                ort_lib,
+                ..Default::default()
+            };
+            let mut m = davi_runtime::Model::load(&output, &opts)?;
+            let p = davi_runtime::verify::verify(&mut m, &parity, fp16)?;
+            println!(
+                "parity on the CPU EP: {} (max |diff| {:.3e}, PSNR {:.1} dB; {})",
+                if p.pass { "PASS" } else { "FAIL" },
+                p.max_abs,
+                p.psnr_db,
+                p.criterion
+            );
+            Ok(if p.pass {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Images {
+            config,
+            split,
+            n,
+            output,
+        } => {
+            let cfg = davi_models::DaviConfig::from_file(&config)?;
+            let split = match split.as_str() {
+                "train" => davi_train::data::Split::Train,
+                "test" => davi_train::data::Split::Test,
+                s => anyhow::bail!("--split {s}: use train or test"),
+            };
+            let data_cfg = cfg
+                .data
+                .clone()
+                .with_context(|| format!("{}: no data section", config.display()))?;
+            let (c, s) = (cfg.unet.in_channels, cfg.unet.image_size);
+            let ds = davi_train::data::Dataset::open(&data_cfg, split, c, s, true)?;
+            std::fs::create_dir_all(&output)
+                .with_context(|| format!("{}: cannot create", output.display()))?;
+            for i in 0..n.min(ds.len) {
+                let v = ds.get(i)?;
+                let img = davi_train::plot::grid(&v, 1, c, s, 1);
+                let img = image::imageops::crop_imm(&img, 2, 2, s as u32, s as u32).to_image();
+                let path = output.join(format!("{i:05}.png"));
+                if c == 1 {
+                    image::DynamicImage::ImageRgb8(img).to_luma8().save(&path)?;
+                } else {
+                    img.save(&path)?;
+                }
+            }
+            eprintln!("wrote {} images to {}", n.min(ds.len), output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Sample {
+            checkpoint: ckpt,
+            config,
+            steps,
+            ddim,
+            n,
+            output,
+            seed,
+            device,
+        } => {
+            let dev = device::pick(&device)?;
+            let cfg = davi_models::DaviConfig::from_file(&config)?;
+            let unet = UNetModel::new(&cfg.unet)?;
+            let d =
+                davi_models::schedule::Diffusion::new(cfg.diffusion.schedule, cfg.diffusion.steps);
+            if let Some(s) = steps {
+                if s != d.steps() {
+                    anyhow::bail!("--steps {s}: ancestral sampling runs the schedule's own {} steps; use --ddim for fewer", d.steps());
+                }
+            }
+            let params = checkpoint::load_params(&ckpt, unet.param_shapes(), Some("ema."), dev)?;
+            let b = TchBackend::new(params, dev);
+            let t = std::time::Instant::now();
+            let x = davi_train::diffusion::sample(&unet, &b, &d, n, ddim, 64, seed)?;
+            let a = backend::array_from_tensor(&x);
+            let (c, s) = (cfg.unet.in_channels, cfg.unet.image_size);
+            let cols = (n as f64).sqrt().ceil() as usize;
+            let img = davi_train::plot::grid(a.as_slice().expect("contiguous"), n, c, s, cols);
+            img.save(&output)
+                .with_context(|| format!("{}: cannot write", output.display()))?;
+            eprintln!(
+                "wrote {} ({n} samples in {:.1}s)",
+                output.display(),
+                t.elapsed().as_secs_f64()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,0 +1,44 @@
+# DAVI: one-step diffusion-prior image restoration. `make demo`, `make test`.
+SHELL := /bin/bash
+# libtorch's OpenMP threads spin while waiting by default; passive waiting keeps parallel jobs fair.
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: all setup setup-runtime build build-runtime test parity demo fmt lint clean
+
+all: build
+
+setup:
+	scripts/setup
+
+setup-runtime:
+	scripts/setup --runtime-only
+
+build: setup
+	cargo build --release --workspace
+
+build-runtime: setup-runtime
+	cargo build --release -p davi-runtime
+
+## Every test: unit and end-to-end tests (release profile: one build serves both), then the parity job.
+test: build
+	cargo fmt --all -- --check
+	cargo test --release --workspace
+	$(MAKE) --no-print-directory parity
+
+## A tiny model trained a few steps, exported, and `davi verify` on the CPU EP.
+parity: build
+	scripts/parity.sh out/parity
+
+## The main job on the shipped models (runtime only once trained models ship).
+demo:
+	scripts/demo.sh
+
+
+fmt:
+	cargo fmt --all
+
+lint: build
+	cargo clippy --release --workspace --all-targets -- -D warnings
+
+clean:
+	rm -rf out target

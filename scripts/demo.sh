@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# `make demo`: restores the held-out samples of every shipped model (models/zoo/<task>/) with
+# `davi` (ONNX Runtime, no libtorch) into out/<task>/, writes a contact sheet per task and prints
+# PSNR against the clean images. Until trained models ship, it first builds the smallest model
+# the tests make (tiny-deblur, which needs libtorch) and runs that.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DAVI=target/release/davi
+mkdir -p out
+tasks=()
+for d in models/zoo/*/; do
+  [ -f "$d/model.onnx" ] && [ -d "models/samples/$(basename "$d")" ] && tasks+=("$(basename "$d")")
+done
+if [ ${#tasks[@]} -eq 0 ]; then
+  echo "demo: no trained model ships yet; making the tests' tiny model (untrained beyond a few steps: expect poor restorations)"
+  scripts/setup
+  cargo build --release --workspace
+  scripts/parity.sh out/tiny
+  mkdir -p models/zoo.local/tiny-deblur out/samples/tiny-deblur
+  cp out/tiny/model/model.onnx out/tiny/model/model.parity.safetensors models/zoo.local/tiny-deblur/
+  target/release/davi-train images --config tests/configs/tiny-deblur.yaml --split test -n 32 -o out/samples/tiny-deblur/clean
+  $DAVI degrade -m models/zoo.local/tiny-deblur/model.onnx -i out/samples/tiny-deblur/clean -o out/samples/tiny-deblur/degraded --seed 0
+  zoo=models/zoo.local; samples=out/samples; tasks=(tiny-deblur)
+else
+  zoo=models/zoo; samples=models/samples
+fi
+printf '\n| model | images | PSNR restored (dB) | PSNR measurement (dB) | SSIM restored |\n|---|---:|---:|---:|---:|\n' > out/demo.md
+for t in "${tasks[@]}"; do
+  echo "demo: restoring $samples/$t/degraded with $zoo/$t/model.onnx"
+  $DAVI restore -m "$zoo/$t/model.onnx" -i "$samples/$t/degraded" -o "out/$t" --seed 0 --report "out/$t.report.json"
+  $DAVI eval --restored "out/$t" --reference "$samples/$t/clean" --json "out/$t.eval.json" \
+    --sheet "out/$t.sheet.png" --measurement "$samples/$t/degraded" > /dev/null
+  # The measurement's own PSNR where it has the image's size (not for SR or colorization).
+  mpsnr=$($DAVI eval --restored "$samples/$t/degraded" --reference "$samples/$t/clean" --json "out/$t.measurement.json" >/dev/null 2>&1 \
+    && python3 -c "import json;print('%.2f' % json.load(open('out/$t.measurement.json'))['psnr'])" || echo "n/a")
+  python3 - "$t" "out/$t.eval.json" "$mpsnr" >> out/demo.md <<'PY'
+import json, sys
+t, path, m = sys.argv[1:]
+e = json.load(open(path))
+print(f"| {t} | {len(e['images'])} | {e['psnr']:.2f} ± {e['psnr_ci95']:.2f} | {m} | {e['ssim']:.4f} |")
+PY
+done
+cat out/demo.md
+echo
+echo "demo: restored images in out/<model>/, contact sheets out/<model>.sheet.png (measurement | restored | clean)"

@@ -1,0 +1,128 @@
+//! The `train:` section of a model config: hyperparameters of prior and DAVI training.
+
+use anyhow::{Context, Result};
+use davi_models::DaviConfig;
+use serde::{Deserialize, Serialize};
+
+/// Prior (DDPM) training.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PriorTrain {
+    /// Images per step.
+    pub batch_size: usize,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// EMA decay (with warm-up).
+    pub ema: f64,
+    /// Total steps.
+    pub steps: usize,
+    /// Gradient norm clip (0: off).
+    pub grad_clip: f64,
+    /// Checkpoint every N steps.
+    pub checkpoint_every: usize,
+    /// Sample grid every N steps (0: only at the end).
+    pub sample_every: usize,
+    /// Checkpoints kept.
+    pub keep: usize,
+    /// Seed of weights, batches and noise.
+    pub seed: u64,
+    /// Skip unreadable training files (counted) instead of stopping.
+    pub skip_bad_files: bool,
+}
+
+impl Default for PriorTrain {
+    fn default() -> Self {
+        Self {
+            batch_size: 64,
+            lr: 2e-4,
+            weight_decay: 0.0,
+            ema: 0.999,
+            steps: 5000,
+            grad_clip: 1.0,
+            checkpoint_every: 200,
+            sample_every: 1000,
+            keep: 3,
+            seed: 0,
+            skip_bad_files: true,
+        }
+    }
+}
+
+/// DAVI training (defaults: the official FFHQ values where they apply).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaviTrain {
+    /// The prior's weights (EMA safetensors, guided-diffusion names): teacher, and the start of
+    /// `s_psi` and `I_phi`.
+    pub teacher: String,
+    /// Images per step.
+    pub batch_size: usize,
+    /// AdamW learning rate of `I_phi` and `s_psi`.
+    pub lr: f64,
+    /// AdamW weight decay (PyTorch's default 0.01, as the official code).
+    pub weight_decay: f64,
+    /// EMA decay of `I_phi` (with warm-up).
+    pub ema: f64,
+    /// Total steps.
+    pub steps: usize,
+    /// IKL timesteps are drawn from `0..t_ikl`.
+    pub t_ikl: usize,
+    /// Weight of the data-consistency term.
+    pub weight_con: f64,
+    /// Weight of the supervised term.
+    pub reg_coeff: f64,
+    /// Gradient norm clip (0: off, as the official code).
+    pub grad_clip: f64,
+    /// Checkpoint every N steps.
+    pub checkpoint_every: usize,
+    /// Checkpoints kept.
+    pub keep: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Skip unreadable training files.
+    pub skip_bad_files: bool,
+}
+
+impl Default for DaviTrain {
+    fn default() -> Self {
+        Self {
+            teacher: String::new(),
+            batch_size: 32,
+            lr: 1e-4,
+            weight_decay: 0.01,
+            ema: 0.9999,
+            steps: 2000,
+            t_ikl: 1000,
+            weight_con: 0.5,
+            reg_coeff: 1.0,
+            grad_clip: 0.0,
+            checkpoint_every: 100,
+            keep: 3,
+            seed: 0,
+            skip_bad_files: true,
+        }
+    }
+}
+
+/// `train:` of a config.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Prior training.
+    #[serde(default)]
+    pub prior: Option<PriorTrain>,
+    /// DAVI training.
+    #[serde(default)]
+    pub davi: Option<DaviTrain>,
+}
+
+/// The typed `train:` section of `cfg` (defaults when absent).
+pub fn train_config(cfg: &DaviConfig) -> Result<TrainConfig> {
+    match &cfg.train {
+        None => Ok(TrainConfig::default()),
+        Some(v) => serde_yaml::from_value(v.clone())
+            .with_context(|| format!("config '{}': bad train section", cfg.name)),
+    }
+}

@@ -1,0 +1,367 @@
+//! Training and test images: Fashion-MNIST (IDX, gzip), crops of the scikit-image photos, or any
+//! folder. Images are `[C, S, S]` in [-1, 1]. Splits and batches are deterministic functions of
+//! the seed and the step, so a resumed run sees the batches an uninterrupted one would.
+
+use anyhow::{bail, Context, Result};
+use davi_models::card::DataConfig;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Which split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Training images.
+    Train,
+    /// Held-out images.
+    Test,
+}
+
+enum Source {
+    /// Decoded images, `n * c * s * s` values.
+    Memory(Vec<f32>),
+    /// Image files decoded on demand.
+    Files(Vec<PathBuf>),
+    /// Photos to cut crops from: (c, h, w, data).
+    Crops(Vec<(usize, usize, Vec<f32>)>, usize),
+}
+
+/// A set of images of one size and channel count.
+pub struct Dataset {
+    source: Source,
+    /// Channels.
+    pub channels: usize,
+    /// Side.
+    pub size: usize,
+    /// Number of images (for crops: crops per epoch).
+    pub len: usize,
+    /// Unreadable files skipped so far.
+    pub skipped: AtomicUsize,
+    /// Skip unreadable files (else they are errors).
+    pub skip_bad: bool,
+    /// A name for messages.
+    pub name: String,
+}
+
+fn read_gz(path: &Path) -> Result<Vec<u8>> {
+    let f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(f)
+        .read_to_end(&mut out)
+        .with_context(|| format!("{}: not a gzip file", path.display()))?;
+    Ok(out)
+}
+
+/// Reads an IDX3 image file: (count, rows, cols, pixels).
+pub fn read_idx3(path: &Path) -> Result<(usize, usize, usize, Vec<u8>)> {
+    let b = read_gz(path)?;
+    if b.len() < 16 || b[..4] != [0, 0, 8, 3] {
+        bail!("{}: not an IDX3 ubyte file", path.display());
+    }
+    let be = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]) as usize;
+    let (n, r, c) = (be(4), be(8), be(12));
+    if b.len() != 16 + n * r * c {
+        bail!(
+            "{}: truncated ({} bytes for {n}x{r}x{c})",
+            path.display(),
+            b.len()
+        );
+    }
+    Ok((n, r, c, b[16..].to_vec()))
+}
+
+/// Decodes an image file to `[c, s, s]` in [-1, 1]: shorter side resized to `s` (Lanczos), centre crop.
+pub fn load_image(path: &Path, c: usize, s: usize) -> Result<Vec<f32>> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("{}: cannot read", path.display()))?
+        .decode()
+        .with_context(|| format!("{}: cannot decode", path.display()))?;
+    let (w, h) = (img.width(), img.height());
+    let scale = s as f64 / w.min(h) as f64;
+    let (nw, nh) = (
+        ((w as f64 * scale).round() as u32).max(s as u32),
+        ((h as f64 * scale).round() as u32).max(s as u32),
+    );
+    let img = img.resize_exact(nw, nh, image::imageops::FilterType::Lanczos3);
+    let (x0, y0) = ((nw - s as u32) / 2, (nh - s as u32) / 2);
+    let img = img.crop_imm(x0, y0, s as u32, s as u32);
+    Ok(to_chw(&img, c))
+}
+
+fn to_chw(img: &image::DynamicImage, c: usize) -> Vec<f32> {
+    let rgb = img.to_rgb32f();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    let mut out = vec![0f32; c * h * w];
+    for (x, y, p) in rgb.enumerate_pixels() {
+        let (x, y) = (x as usize, y as usize);
+        if c == 1 {
+            out[y * w + x] = (p[0] + p[1] + p[2]) / 3.0 * 2.0 - 1.0;
+        } else {
+            for k in 0..3 {
+                out[k * h * w + y * w + x] = p[k] * 2.0 - 1.0;
+            }
+        }
+    }
+    out
+}
+
+fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v = Vec::new();
+    for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let e = e.with_context(|| format!("{}: cannot list", dir.display()))?;
+        let ok = e
+            .path()
+            .extension()
+            .and_then(|x| x.to_str())
+            .is_some_and(|x| {
+                ["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"]
+                    .contains(&x.to_ascii_lowercase().as_str())
+            });
+        if e.file_type().is_file() && ok {
+            v.push(e.path().to_path_buf());
+        }
+    }
+    Ok(v)
+}
+
+/// A stable hash of a path, for splits that do not move when files are added.
+fn path_bucket(p: &Path) -> u64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(p.to_string_lossy().as_bytes());
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes")) % 100
+}
+
+impl Dataset {
+    /// Opens the data set of `cfg` for images of `c` channels and side `s`.
+    pub fn open(
+        cfg: &DataConfig,
+        split: Split,
+        c: usize,
+        s: usize,
+        skip_bad: bool,
+    ) -> Result<Self> {
+        let (source, len, name) = match cfg {
+            DataConfig::FashionMnist { dir } => {
+                if c != 1 || s < 28 {
+                    bail!("Fashion-MNIST is grey 28x28: the model must have 1 channel and size >= 28 (has {c}, {s})");
+                }
+                let file = match split {
+                    Split::Train => "train-images-idx3-ubyte.gz",
+                    Split::Test => "t10k-images-idx3-ubyte.gz",
+                };
+                let path = Path::new(dir).join(file);
+                if !path.is_file() {
+                    bail!("{}: not found (scripts/setup installs the Debian package dataset-fashion-mnist)", path.display());
+                }
+                let (n, r, cols, px) = read_idx3(&path)?;
+                let pad = (s - r) / 2;
+                let mut v = vec![-1f32; n * s * s];
+                for i in 0..n {
+                    for y in 0..r {
+                        for x in 0..cols {
+                            v[i * s * s + (y + pad) * s + x + pad] =
+                                px[i * r * cols + y * cols + x] as f32 / 127.5 - 1.0;
+                        }
+                    }
+                }
+                (Source::Memory(v), n, format!("fashion-mnist {split:?}"))
+            }
+            DataConfig::Photos { dir } => {
+                // Each photo, downscaled by 4 (so a crop holds a scene part, not a few pixels),
+                // gives its left 80% to training and its right 20% to the test split.
+                let files = list_images(Path::new(dir))?;
+                if files.is_empty() {
+                    bail!("{dir}: no photos (scripts/setup extracts the scikit-image sample photos there)");
+                }
+                let mut photos = Vec::new();
+                for f in files {
+                    let img = image::open(&f)
+                        .with_context(|| format!("{}: cannot decode", f.display()))?;
+                    if c == 3 && !img.color().has_color() {
+                        continue;
+                    }
+                    let img = img.resize(
+                        img.width() / 4,
+                        img.height() / 4,
+                        image::imageops::FilterType::Lanczos3,
+                    );
+                    let (w, h) = (img.width(), img.height());
+                    let cut = w * 4 / 5;
+                    let part = match split {
+                        Split::Train => img.crop_imm(0, 0, cut, h),
+                        Split::Test => img.crop_imm(cut, 0, w - cut, h),
+                    };
+                    if (part.width() as usize) < s || (part.height() as usize) < s {
+                        continue;
+                    }
+                    photos.push((
+                        part.height() as usize,
+                        part.width() as usize,
+                        to_chw(&part, c),
+                    ));
+                }
+                if photos.is_empty() {
+                    bail!("{dir}: no photo is large enough for {s}x{s} crops");
+                }
+                let len = match split {
+                    Split::Train => 50_000,
+                    Split::Test => 1_000,
+                };
+                (
+                    Source::Crops(photos, c),
+                    len,
+                    format!("photo crops {split:?}"),
+                )
+            }
+            DataConfig::Folder { dir } => {
+                let files: Vec<PathBuf> = list_images(Path::new(dir))?
+                    .into_iter()
+                    .filter(|p| (path_bucket(p) < 5) == (split == Split::Test))
+                    .collect();
+                if files.is_empty() {
+                    bail!("{dir}: no images for the {split:?} split");
+                }
+                let n = files.len();
+                (Source::Files(files), n, format!("{dir} {split:?}"))
+            }
+        };
+        Ok(Self {
+            source,
+            channels: c,
+            size: s,
+            len,
+            skipped: AtomicUsize::new(0),
+            skip_bad,
+            name,
+        })
+    }
+
+    /// Image `i` (for crops: a deterministic crop).
+    pub fn get(&self, i: usize) -> Result<Vec<f32>> {
+        let (c, s) = (self.channels, self.size);
+        match &self.source {
+            Source::Memory(v) => Ok(v[i * c * s * s..(i + 1) * c * s * s].to_vec()),
+            Source::Files(files) => {
+                // An unreadable file is named; with skip_bad the next readable one stands in.
+                for k in 0..files.len() {
+                    let p = &files[(i + k) % files.len()];
+                    match load_image(p, c, s) {
+                        Ok(v) => return Ok(v),
+                        Err(e) if self.skip_bad => {
+                            self.skipped.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!("skipping {e:#}");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                bail!("{}: no readable image", self.name)
+            }
+            Source::Crops(photos, c) => {
+                let mut rng = ChaCha8Rng::seed_from_u64(i as u64);
+                let (h, w, data) = &photos[rng.random_range(0..photos.len())];
+                let (y0, x0) = (rng.random_range(0..=h - s), rng.random_range(0..=w - s));
+                let flip = rng.random_bool(0.5);
+                let mut out = vec![0f32; c * s * s];
+                for k in 0..*c {
+                    for y in 0..s {
+                        for x in 0..s {
+                            let sx = if flip { s - 1 - x } else { x };
+                            out[k * s * s + y * s + x] = data[k * h * w + (y0 + y) * w + x0 + sx];
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    /// Images at `indices`, decoded in parallel, as `[n, c, s, s]` values.
+    pub fn batch(&self, indices: &[usize]) -> Result<Vec<f32>> {
+        let parts: Vec<Vec<f32>> = indices
+            .par_iter()
+            .map(|&i| self.get(i))
+            .collect::<Result<_>>()?;
+        Ok(parts.concat())
+    }
+
+    /// The indices of training batch `step`: epoch-wise shuffles seeded by (seed, epoch), so the
+    /// batch is a function of the step alone.
+    pub fn batch_indices(&self, seed: u64, step: usize, batch: usize) -> Vec<usize> {
+        let n = self.len;
+        let mut out = Vec::with_capacity(batch);
+        let mut pos = step * batch;
+        let mut cached: Option<(usize, Vec<usize>)> = None;
+        while out.len() < batch {
+            let epoch = pos / n;
+            if cached.as_ref().map(|(e, _)| *e) != Some(epoch) {
+                let mut perm: Vec<usize> = (0..n).collect();
+                perm.shuffle(&mut ChaCha8Rng::seed_from_u64(
+                    seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                ));
+                cached = Some((epoch, perm));
+            }
+            out.push(cached.as_ref().expect("set").1[pos % n]);
+            pos += 1;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_deterministic_and_cover_an_epoch() {
+        let ds = Dataset {
+            source: Source::Memory(vec![0.0; 10]),
+            channels: 1,
+            size: 1,
+            len: 10,
+            skipped: AtomicUsize::new(0),
+            skip_bad: false,
+            name: "t".into(),
+        };
+        let a: Vec<usize> = (0..5).flat_map(|s| ds.batch_indices(7, s, 2)).collect();
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        assert_eq!(ds.batch_indices(7, 3, 2), a[6..8].to_vec());
+        assert_ne!(ds.batch_indices(7, 5, 10), ds.batch_indices(7, 0, 10));
+    }
+
+    #[test]
+    fn unreadable_file_is_named_or_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bad.png"), b"not a png").unwrap();
+        image::RgbImage::from_pixel(40, 40, image::Rgb([255, 0, 0]))
+            .save(dir.path().join("good.png"))
+            .unwrap();
+        let mut ds = Dataset {
+            source: Source::Files(vec![
+                dir.path().join("bad.png"),
+                dir.path().join("good.png"),
+            ]),
+            channels: 3,
+            size: 32,
+            len: 2,
+            skipped: AtomicUsize::new(0),
+            skip_bad: false,
+            name: "t".into(),
+        };
+        let err = format!("{:#}", ds.get(0).unwrap_err());
+        assert!(err.contains("bad.png"), "{err}");
+        ds.skip_bad = true;
+        let v = ds.get(0).unwrap();
+        assert_eq!(v.len(), 3 * 32 * 32);
+        assert!((v[0] - 1.0).abs() < 1e-6 && (v[32 * 32] + 1.0).abs() < 1e-6);
+        assert_eq!(ds.skipped.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,391 @@
+//! `davi-train davi`: amortized variational inference of `I_phi` against a frozen diffusion
+//! prior (Lee et al., ECCV 2024), as the official code (mlvlab/DAVI, `cm/train_util.py`) does it:
+//! per step, one DSM update of the auxiliary score `s_psi` on fresh samples of `I_phi`, then one
+//! update of `I_phi` on the IKL surrogate + data consistency + supervised term; EMA of `I_phi`.
+
+use crate::backend::TchBackend;
+use crate::config::{train_config, DaviTrain};
+use crate::data::{Dataset, Split};
+use crate::params::{AdamW, Ema, ParamSet};
+use crate::prior::{step_rng, strip};
+use crate::run::{check_resume, Run};
+use crate::{checkpoint, diffusion};
+use anyhow::{bail, Context, Result};
+use davi_models::schedule::{beta31_step, Diffusion};
+use davi_models::{DaviConfig, Implicit, Operator};
+use rand::Rng;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// What `davi` was asked.
+pub struct DaviArgs {
+    /// The model config.
+    pub config: PathBuf,
+    /// Device.
+    pub device: Device,
+    /// Run folder (default `runs/<name>`); an existing run there is resumed.
+    pub run: Option<PathBuf>,
+    /// Override of the step count.
+    pub steps: Option<usize>,
+    /// Override of the teacher checkpoint.
+    pub teacher: Option<PathBuf>,
+}
+
+/// The loss terms of one `I_phi` step.
+#[derive(Debug, Clone, Copy)]
+pub struct Terms {
+    /// IKL surrogate.
+    pub ikl: f64,
+    /// Data consistency `mean((y - H x_hat)^2)` (unweighted).
+    pub con: f64,
+    /// Supervised term (unweighted).
+    pub reg: f64,
+    /// Total weighted loss of `I_phi`.
+    pub total: f64,
+    /// DSM loss of `s_psi`.
+    pub dsm: f64,
+}
+
+/// The networks and state of a DAVI run.
+pub struct Trainer {
+    /// `I_phi` (with operator and bridge).
+    pub implicit: Implicit,
+    /// The prior's diffusion.
+    pub diffusion: Diffusion,
+    /// Frozen teacher weights.
+    pub teacher: std::collections::HashMap<String, Tensor>,
+    /// `s_psi`.
+    pub aux_score: ParamSet,
+    /// `phi`.
+    pub phi: ParamSet,
+    /// Optimizer of `s_psi`.
+    pub opt_psi: AdamW,
+    /// Optimizer of `phi`.
+    pub opt_phi: AdamW,
+    /// EMA of `phi` (what is exported).
+    pub ema: Ema,
+    /// Hyperparameters.
+    pub hp: DaviTrain,
+    /// Measurement noise.
+    pub sigma_y: f64,
+    /// Device.
+    pub device: Device,
+}
+
+/// `H x + sigma_y n`.
+pub fn measure(
+    op: &Operator,
+    b: &TchBackend,
+    x0: &Tensor,
+    c: usize,
+    s: usize,
+    sigma_y: f64,
+) -> Tensor {
+    let hx = op.forward(b, x0, c, s);
+    &hx + Tensor::randn_like(&hx) * sigma_y
+}
+
+impl Trainer {
+    /// Teacher, `s_psi` and `phi` all start from the prior's weights.
+    pub fn new(
+        cfg: &DaviConfig,
+        hp: DaviTrain,
+        teacher: std::collections::HashMap<String, Tensor>,
+        device: Device,
+    ) -> Result<Self> {
+        let implicit = Implicit::new(cfg)?;
+        let diffusion = Diffusion::new(cfg.diffusion.schedule, cfg.diffusion.steps);
+        let aux_score = ParamSet::from_tensors(teacher.iter());
+        let phi = ParamSet::from_tensors(teacher.iter());
+        let opt_psi = AdamW::new(&aux_score, hp.lr, hp.weight_decay);
+        let opt_phi = AdamW::new(&phi, hp.lr, hp.weight_decay);
+        let ema = Ema::new(&phi, hp.ema);
+        let teacher = teacher.into_iter().map(|(k, v)| (k, v.detach())).collect();
+        if hp.t_ikl == 0 || hp.t_ikl > diffusion.steps() {
+            bail!("t_ikl {} must be in 1..={}", hp.t_ikl, diffusion.steps());
+        }
+        Ok(Self {
+            implicit,
+            diffusion,
+            teacher,
+            aux_score,
+            phi,
+            opt_psi,
+            opt_phi,
+            ema,
+            hp,
+            sigma_y: cfg.task()?.sigma_y,
+            device,
+        })
+    }
+
+    fn const_backend(&self) -> TchBackend {
+        TchBackend::new(Default::default(), self.device)
+    }
+
+    /// One DAVI step on a batch of clean images; `step` seeds its randomness.
+    pub fn step(&mut self, x0: &Tensor, step: usize) -> Result<Terms> {
+        let hp = self.hp.clone();
+        let mut rng = step_rng(hp.seed, step);
+        tch::manual_seed((hp.seed as i64).wrapping_add(step as i64));
+        let n = x0.size()[0] as usize;
+        let (c, s) = (self.implicit.channels, self.implicit.size);
+        let op = self.implicit.operator.clone();
+        let cb = self.const_backend();
+        let y = measure(&op, &cb, x0, c, s, self.sigma_y);
+        let y_lift = op.lift(&cb, &y, c, s);
+        let t_bridge = self.implicit.bridge.steps();
+        let draw_a = |rng: &mut rand_chacha::ChaCha8Rng| -> Vec<usize> {
+            (0..n)
+                .map(|_| beta31_step(rng.random::<f64>(), t_bridge))
+                .collect()
+        };
+        let draw_t = |rng: &mut rand_chacha::ChaCha8Rng| -> Vec<usize> {
+            (0..n).map(|_| rng.random_range(0..hp.t_ikl)).collect()
+        };
+
+        // 1. s_psi: DSM on fresh, gradient-free samples of I_phi.
+        let a = draw_a(&mut rng);
+        let x_hat = tch::no_grad(|| -> Result<Tensor> {
+            let b = TchBackend::new(self.phi.frozen(), self.device);
+            let x_a = self
+                .implicit
+                .bridge_sample(&b, x0, &y_lift, &Tensor::randn_like(x0), &a);
+            Ok(self.implicit.output_map(&b, &x_a, &a)?)
+        })?;
+        let t = draw_t(&mut rng);
+        let eps = Tensor::randn_like(&x_hat);
+        let x_t = diffusion::q_sample(&self.diffusion, &x_hat, &t, &eps);
+        let mut bpsi = TchBackend::new(self.aux_score.handles(), self.device);
+        bpsi.train = true;
+        let dsm = (diffusion::eps(&self.implicit.unet, &bpsi, &x_t, &t)? - &eps)
+            .square()
+            .mean(Kind::Float);
+        let dsm_v = dsm.double_value(&[]);
+        if !dsm_v.is_finite() {
+            bail!("s_psi loss is {dsm_v} at step {step}");
+        }
+        self.aux_score.zero_grad();
+        dsm.backward();
+        self.aux_score.clip_grad_norm(hp.grad_clip);
+        self.opt_psi.step(&mut self.aux_score);
+
+        // 2. phi: IKL surrogate + data consistency + supervised term.
+        let a = draw_a(&mut rng);
+        let mut bphi = TchBackend::new(self.phi.handles(), self.device);
+        bphi.train = true;
+        let x_a = self
+            .implicit
+            .bridge_sample(&bphi, x0, &y_lift, &Tensor::randn_like(x0), &a);
+        let x_hat = self.implicit.output_map(&bphi, &x_a, &a)?;
+        let t = draw_t(&mut rng);
+        let grad = tch::no_grad(|| -> Result<Tensor> {
+            let eps = Tensor::randn_like(&x_hat);
+            let x_t = diffusion::q_sample(&self.diffusion, &x_hat.detach(), &t, &eps);
+            let bt = TchBackend::new(
+                self.teacher
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                    .collect(),
+                self.device,
+            );
+            let bp = TchBackend::new(self.aux_score.frozen(), self.device);
+            let x0_theta = diffusion::x0_from_eps(
+                &self.diffusion,
+                &x_t,
+                &t,
+                &diffusion::eps(&self.implicit.unet, &bt, &x_t, &t)?,
+            );
+            let x0_psi = diffusion::x0_from_eps(
+                &self.diffusion,
+                &x_t,
+                &t,
+                &diffusion::eps(&self.implicit.unet, &bp, &x_t, &t)?,
+            );
+            let w = diffusion::column(&t, |t| self.diffusion.ikl_weight(t), self.device);
+            Ok((x0_psi - x0_theta) * w)
+        })?;
+        let ikl = (&grad * &x_hat).mean(Kind::Float);
+        let con = (op.forward(&cb, &x_hat, c, s) - &y)
+            .square()
+            .mean(Kind::Float);
+        let reg = match op {
+            Operator::Inpaint { .. } => {
+                (x0 - &x_hat).square().mean(Kind::Float) * 0.1
+                    + (op.forward(&cb, x0, c, s) - op.forward(&cb, &x_hat, c, s))
+                        .square()
+                        .mean(Kind::Float)
+            }
+            _ => (x0 - &x_hat).square().mean(Kind::Float),
+        };
+        let total = &ikl + &con * hp.weight_con + &reg * hp.reg_coeff;
+        let total_v = total.double_value(&[]);
+        if !total_v.is_finite() {
+            bail!("I_phi loss is {total_v} at step {step}");
+        }
+        self.phi.zero_grad();
+        total.backward();
+        self.phi.clip_grad_norm(hp.grad_clip);
+        self.opt_phi.step(&mut self.phi);
+        self.ema.update(&self.phi, step + 1);
+        Ok(Terms {
+            ikl: ikl.double_value(&[]),
+            con: con.double_value(&[]),
+            reg: reg.double_value(&[]),
+            total: total_v,
+            dsm: dsm_v,
+        })
+    }
+
+    /// Everything a checkpoint holds.
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        let mut all = self.phi.named("implicit.");
+        all.extend(
+            self.ema
+                .tensors
+                .iter()
+                .map(|(k, v)| (format!("ema.{k}"), v.shallow_clone())),
+        );
+        all.extend(self.aux_score.named("aux_score."));
+        all.extend(self.opt_phi.named("opt_phi."));
+        all.extend(self.opt_psi.named("opt_psi."));
+        all
+    }
+
+    /// Restores a checkpoint written by [`Self::named`] at `step`.
+    pub fn load(
+        &mut self,
+        all: &std::collections::HashMap<String, Tensor>,
+        step: usize,
+    ) -> Result<()> {
+        self.phi.load_from(&strip(all, "implicit."))?;
+        self.aux_score.load_from(&strip(all, "aux_score."))?;
+        self.ema.tensors = strip(all, "ema.").into_iter().collect();
+        self.opt_phi.load_from(all, "opt_phi.", step as i64)?;
+        self.opt_psi.load_from(all, "opt_psi.", step as i64)?;
+        Ok(())
+    }
+}
+
+/// Trains (or resumes) a DAVI model. Returns the run folder.
+pub fn train(args: &DaviArgs) -> Result<PathBuf> {
+    let cfg = DaviConfig::from_file(&args.config)?;
+    let mut hp = train_config(&cfg)?.davi.unwrap_or_default();
+    if let Some(s) = args.steps {
+        hp.steps = s;
+    }
+    if let Some(t) = &args.teacher {
+        hp.teacher = t.display().to_string();
+    }
+    if hp.teacher.is_empty() {
+        bail!(
+            "{}: train.davi.teacher (the prior's weights) is not set",
+            args.config.display()
+        );
+    }
+    let data_cfg = cfg
+        .data
+        .clone()
+        .with_context(|| format!("{}: no data section", args.config.display()))?;
+    let (c, s) = (cfg.unet.in_channels, cfg.unet.image_size);
+    let data = Dataset::open(&data_cfg, Split::Train, c, s, hp.skip_bad_files)?;
+    let unet = davi_models::UNetModel::new(&cfg.unet)?;
+    let teacher = checkpoint::load_params(
+        std::path::Path::new(&hp.teacher),
+        unet.param_shapes(),
+        Some("ema."),
+        args.device,
+    )?;
+    let dir = args
+        .run
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
+    let hash = cfg.hash();
+    let run = Run::open(
+        &dir,
+        &serde_yaml::to_string(&cfg)?,
+        &["total", "ikl", "con", "reg", "dsm", "steps_per_s"],
+        hp.keep,
+    )?;
+    let mut tr = Trainer::new(&cfg, hp.clone(), teacher, args.device)?;
+    let mut start = 0;
+    let mut seconds0 = 0.0;
+    if let Some(st) = run.state()? {
+        check_resume(&st, &hash, &dir)?;
+        let all = checkpoint::load_tensors(&dir.join(&st.checkpoint), args.device)?;
+        tr.load(&all, st.step)?;
+        start = st.step;
+        seconds0 = st.seconds;
+        run.truncate_metrics(start)?;
+        tracing::info!("resuming {} at step {start}", dir.display());
+    }
+    tracing::info!(
+        "davi {} ({}): {} steps of {} on {}",
+        cfg.name,
+        tr.implicit.operator.task(),
+        hp.steps,
+        hp.batch_size,
+        data.name
+    );
+    let bar = indicatif::ProgressBar::new(hp.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
+            .expect("template"),
+    );
+    bar.set_position(start as u64);
+    let t0 = Instant::now();
+    let mut step = start;
+    while step < hp.steps {
+        let idx = data.batch_indices(hp.seed, step, hp.batch_size);
+        let batch = data.batch(&idx)?;
+        let x0 = Tensor::from_slice(&batch)
+            .reshape([hp.batch_size as i64, c as i64, s as i64, s as i64])
+            .to_device(args.device);
+        let terms = tr.step(&x0, step).with_context(|| {
+            format!(
+                "stopping; the last good checkpoint in {} is kept",
+                dir.display()
+            )
+        })?;
+        step += 1;
+        let sps = (step - start) as f64 / t0.elapsed().as_secs_f64();
+        bar.set_position(step as u64);
+        bar.set_message(format!(
+            "loss {:.4} con {:.4} {sps:.2} steps/s",
+            terms.total, terms.con
+        ));
+        if step % 10 == 0 || step == hp.steps {
+            run.log(
+                step,
+                &[terms.total, terms.ikl, terms.con, terms.reg, terms.dsm, sps],
+            )?;
+        }
+        let stop = run.stop_requested();
+        if step % hp.checkpoint_every == 0 || step == hp.steps || stop {
+            run.checkpoint(
+                step,
+                &tr.named(),
+                &hash,
+                seconds0 + t0.elapsed().as_secs_f64(),
+            )?;
+            run.plot()?;
+        }
+        if stop {
+            bar.abandon_with_message(format!(
+                "stopped at step {step}; resume with --resume {}",
+                dir.display()
+            ));
+            return Ok(dir);
+        }
+    }
+    bar.finish_with_message("done");
+    let named: Vec<(String, Tensor)> = tr
+        .ema
+        .tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
+    checkpoint::save_tensors(&dir.join("ema.safetensors"), &named)?;
+    Ok(dir)
+}

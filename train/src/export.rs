@@ -1,0 +1,142 @@
+//! `davi-train export`: `I_phi` to ONNX (through `davi-export`, no second architecture) with
+//! parity fixtures computed by tch from the same checkpoint.
+
+use crate::backend::TchBackend;
+use crate::data::{Dataset, Split};
+use crate::{checkpoint, davi::measure};
+use anyhow::{Context, Result};
+use davi_export::{ExportOptions, Weights};
+use davi_models::{DaviConfig, Implicit};
+use std::path::{Path, PathBuf};
+use tch::{Device, Tensor};
+
+/// What `export` was asked.
+pub struct ExportArgs {
+    /// DAVI checkpoint (run checkpoint: its `ema.` weights; or plain weights).
+    pub checkpoint: PathBuf,
+    /// The model config.
+    pub config: PathBuf,
+    /// Output `model.onnx`.
+    pub output: PathBuf,
+    /// Graph options.
+    pub options: ExportOptions,
+    /// Weights to external data.
+    pub external_data: bool,
+    /// Parity pairs.
+    pub k: usize,
+    /// Seed of the parity measurements and noise.
+    pub seed: i64,
+}
+
+/// The `davi.*` metadata of a model.
+pub fn metadata(cfg: &DaviConfig) -> Result<Vec<(String, String)>> {
+    let task = cfg.task()?;
+    Ok(vec![
+        ("davi.task".into(), task.operator.task().into()),
+        (
+            "davi.operator".into(),
+            serde_json::to_string(&task.operator)?,
+        ),
+        ("davi.sigma_y".into(), task.sigma_y.to_string()),
+        ("davi.h".into(), task.h.to_string()),
+        ("davi.image_size".into(), cfg.unet.image_size.to_string()),
+        ("davi.channels".into(), cfg.unet.in_channels.to_string()),
+        ("davi.config_hash".into(), cfg.hash()),
+        ("davi.tool_version".into(), davi_export::TOOL_VERSION.into()),
+        ("davi.name".into(), cfg.name.clone()),
+    ])
+}
+
+/// Writes `model.onnx` and `model.parity.safetensors`; returns the parity file's path.
+pub fn export(args: &ExportArgs) -> Result<PathBuf> {
+    let cfg = DaviConfig::from_file(&args.config)?;
+    let implicit = Implicit::new(&cfg)?;
+    let weights = Weights::load(&args.checkpoint)?.strip_prefix("ema.");
+    weights
+        .check(
+            implicit.unet.param_shapes(),
+            &args.checkpoint.display().to_string(),
+        )
+        .map_err(anyhow::Error::from)?;
+    let proto = davi_export::export_implicit(&implicit, &weights, &args.options, &metadata(&cfg)?)?;
+    if let Some(dir) = args.output.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+    }
+    let hist = davi_export::op_histogram(&proto);
+    davi_export::write_model(proto, &args.output, args.external_data)?;
+
+    // Parity: K held-out measurements with fixed noise, through tch from the same weights.
+    let task = cfg.task()?;
+    let (c, s) = (implicit.channels, implicit.size);
+    let x0 = match &cfg.data {
+        Some(d) => {
+            let ds = Dataset::open(d, Split::Test, c, s, true)?;
+            let idx: Vec<usize> = (0..args.k).map(|i| i % ds.len).collect();
+            Tensor::from_slice(&ds.batch(&idx)?).reshape([
+                args.k as i64,
+                c as i64,
+                s as i64,
+                s as i64,
+            ])
+        }
+        None => {
+            tch::manual_seed(args.seed);
+            Tensor::rand(
+                [args.k as i64, c as i64, s as i64, s as i64],
+                (tch::Kind::Float, Device::Cpu),
+            ) * 2.0
+                - 1.0
+        }
+    };
+    let params = checkpoint::load_params(
+        &args.checkpoint,
+        implicit.unet.param_shapes(),
+        Some("ema."),
+        Device::Cpu,
+    )?;
+    let b = TchBackend::new(params, Device::Cpu);
+    tch::manual_seed(args.seed);
+    let (y, z, out) = tch::no_grad(|| -> Result<(Tensor, Tensor, Tensor)> {
+        let y = measure(&implicit.operator, &b, &x0, c, s, task.sigma_y).clamp(-1.0, 1.0);
+        let z = Tensor::randn(
+            [args.k as i64, c as i64, s as i64, s as i64],
+            (tch::Kind::Float, Device::Cpu),
+        );
+        let out = implicit.restore(&b, &y, &z)?;
+        Ok((y, z, out))
+    })?;
+    let parity = parity_path(&args.output);
+    checkpoint::save_tensors(
+        &parity,
+        &[
+            ("measurement".into(), y),
+            ("noise".into(), z),
+            ("image".into(), out),
+        ],
+    )?;
+    let size = std::fs::metadata(&args.output)?.len();
+    println!(
+        "wrote {} ({:.2} MB) and {}",
+        args.output.display(),
+        size as f64 / 1e6,
+        parity.display()
+    );
+    println!(
+        "ops: {}",
+        hist.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(parity)
+}
+
+/// `DIR/model.parity.safetensors` beside `DIR/model.onnx`.
+pub fn parity_path(model: &Path) -> PathBuf {
+    let stem = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
+    model.with_file_name(format!("{stem}.parity.safetensors"))
+}

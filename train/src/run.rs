@@ -1,0 +1,206 @@
+//! A run folder: config copy, checkpoints (atomic, last N kept, EMA apart), `metrics.csv`, a
+//! loss-curve PNG, progress, Ctrl-C and resume.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// What `state.json` records: enough to resume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunState {
+    /// Steps done.
+    pub step: usize,
+    /// The latest checkpoint file (in the run folder).
+    pub checkpoint: String,
+    /// Hash of the config the run trains.
+    pub config_hash: String,
+    /// Training seconds so far.
+    pub seconds: f64,
+}
+
+/// A run folder.
+pub struct Run {
+    /// The folder.
+    pub dir: PathBuf,
+    /// Metric column names (after `step`).
+    pub columns: Vec<String>,
+    /// Checkpoints kept.
+    pub keep: usize,
+    stop: Arc<AtomicBool>,
+}
+
+impl Run {
+    /// Creates `dir` (or reopens it to resume), copies the config there and installs the Ctrl-C
+    /// handler (a first Ctrl-C asks the loop to checkpoint and stop).
+    pub fn open(dir: &Path, config_yaml: &str, columns: &[&str], keep: usize) -> Result<Self> {
+        std::fs::create_dir_all(dir.join("samples"))
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        let cfg = dir.join("config.yaml");
+        if !cfg.exists() {
+            write_atomic(&cfg, config_yaml.as_bytes())?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        // Only one handler per process; a second open (tests) keeps the first.
+        let _ = ctrlc::set_handler(move || {
+            if s.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond interrupt: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\ninterrupt: writing a checkpoint, then stopping (Ctrl-C again to quit now)"
+            );
+        });
+        let metrics = dir.join("metrics.csv");
+        if !metrics.exists() {
+            let mut header = String::from("step");
+            for c in columns {
+                header.push(',');
+                header.push_str(c);
+            }
+            header.push('\n');
+            write_atomic(&metrics, header.as_bytes())?;
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            columns: columns.iter().map(|s| s.to_string()).collect(),
+            keep,
+            stop,
+        })
+    }
+
+    /// Whether Ctrl-C asked to stop.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// The saved state, if the folder holds a run to resume.
+    pub fn state(&self) -> Result<Option<RunState>> {
+        let p = self.dir.join("state.json");
+        if !p.exists() {
+            return Ok(None);
+        }
+        let s =
+            std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+        Ok(Some(
+            serde_json::from_str(&s).with_context(|| format!("{}: corrupt", p.display()))?,
+        ))
+    }
+
+    /// Appends metric rows; rows past `step` from an interrupted run are dropped first on resume.
+    pub fn log(&self, step: usize, values: &[f64]) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("metrics.csv"))?;
+        let mut line = step.to_string();
+        for v in values {
+            line.push_str(&format!(",{v:.6e}"));
+        }
+        line.push('\n');
+        f.write_all(line.as_bytes())?;
+        Ok(())
+    }
+
+    /// Drops metric rows after `step` (written after the last checkpoint of a killed run).
+    pub fn truncate_metrics(&self, step: usize) -> Result<()> {
+        let p = self.dir.join("metrics.csv");
+        let s = std::fs::read_to_string(&p)?;
+        let kept: Vec<&str> = s
+            .lines()
+            .enumerate()
+            .filter(|(i, l)| {
+                *i == 0
+                    || l.split(',')
+                        .next()
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .is_some_and(|v| v <= step)
+            })
+            .map(|(_, l)| l)
+            .collect();
+        write_atomic(&p, (kept.join("\n") + "\n").as_bytes())
+    }
+
+    /// Saves a checkpoint atomically, records it in `state.json`, and prunes old ones.
+    pub fn checkpoint(
+        &self,
+        step: usize,
+        tensors: &[(String, tch::Tensor)],
+        config_hash: &str,
+        seconds: f64,
+    ) -> Result<()> {
+        let name = format!("ckpt-{step:08}.safetensors");
+        crate::checkpoint::save_tensors(&self.dir.join(&name), tensors)?;
+        let st = RunState {
+            step,
+            checkpoint: name,
+            config_hash: config_hash.into(),
+            seconds,
+        };
+        write_atomic(
+            &self.dir.join("state.json"),
+            serde_json::to_string_pretty(&st)?.as_bytes(),
+        )?;
+        let mut ckpts: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("ckpt-") && n.ends_with(".safetensors"))
+            })
+            .collect();
+        ckpts.sort();
+        while ckpts.len() > self.keep.max(1) {
+            let _ = std::fs::remove_file(ckpts.remove(0));
+        }
+        Ok(())
+    }
+
+    /// Draws the loss curve(s) of `metrics.csv` to `loss.png` (log scale).
+    pub fn plot(&self) -> Result<()> {
+        let s = std::fs::read_to_string(self.dir.join("metrics.csv"))?;
+        let rows: Vec<Vec<f64>> = s
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').filter_map(|v| v.parse().ok()).collect())
+            .collect();
+        if rows.len() < 2 {
+            return Ok(());
+        }
+        let img = crate::plot::curves(&rows, &self.columns, 640, 360);
+        let mut buf = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
+        write_atomic(&self.dir.join("loss.png"), &buf)
+    }
+}
+
+/// Checks that a resumed run trains the same config.
+pub fn check_resume(state: &RunState, hash: &str, dir: &Path) -> Result<()> {
+    if state.config_hash != hash {
+        bail!(
+            "{}: the run was started with config hash {}, this config hashes to {hash}; resume with the run's own config.yaml",
+            dir.display(),
+            state.config_hash
+        );
+    }
+    Ok(())
+}
+
+/// Writes a file atomically (temporary file, sync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    {
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("{}: cannot create", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
+}
