@@ -12,6 +12,7 @@ pub mod export;
 pub mod params;
 pub mod plot;
 pub mod prior;
+pub mod pt;
 pub mod run;
 
 pub use backend::TchBackend;

@@ -107,6 +107,17 @@ enum Cmd {
         #[arg(long)]
         ort_lib: Option<PathBuf>,
     },
+    /// Convert a PyTorch checkpoint (`torch.save` zip) to safetensors without running pickle code.
+    Import {
+        /// The `.pt` file.
+        input: PathBuf,
+        /// Output safetensors file.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Check the names and shapes against a UNet config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Write images of a config's data set as PNG files (e.g. held-out test images).
     Images {
         /// Model config (its data section).
@@ -274,6 +285,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Cmd::Import {
+            input,
+            output,
+            config,
+        } => {
+            let tensors = davi_train::pt::read_pt(&input)?;
+            if let Some(c) = config {
+                let unet = UNetModel::new(&UNetConfig::from_file(&c)?)?;
+                let found: Vec<(String, Vec<usize>)> = tensors
+                    .iter()
+                    .map(|(k, t)| (k.clone(), t.shape.clone()))
+                    .collect();
+                davi_models::check_params(unet.param_shapes(), &found).map_err(|d| {
+                    anyhow::anyhow!("{}: does not match {}: {d}", input.display(), c.display())
+                })?;
+            }
+            davi_train::pt::write_safetensors(&tensors, &output)?;
+            eprintln!("wrote {} tensors to {}", tensors.len(), output.display());
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Images {
             config,

@@ -1,0 +1,493 @@
+//! Reading PyTorch zip checkpoints (`torch.save`) without executing pickle code.
+//!
+//! A restricted unpickler: it understands the opcodes a state dict uses and accepts only the
+//! globals that rebuild tensors and dicts (`collections.OrderedDict`,
+//! `torch._utils._rebuild_tensor_v2`, `torch._utils._rebuild_parameter`, `torch.*Storage`).
+//! Any other global (`os.system`, `builtins.eval`, ...) is refused with its name, before anything
+//! could run: nothing is ever called but those rebuild rules, which this module implements itself.
+
+use anyhow::{bail, Context, Result};
+use safetensors::Dtype;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+/// A tensor read from a checkpoint: dtype, shape and little-endian bytes (contiguous).
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Data, row-major.
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+enum Value {
+    None,
+    /// A bool or float: read, never needed by a state dict.
+    Scalar,
+    Int(i64),
+    Str(String),
+    Tuple(Vec<Value>),
+    List(Vec<Value>),
+    Dict(Vec<(Value, Value)>),
+    Global(String),
+    Storage {
+        dtype: Dtype,
+        key: String,
+    },
+    Tensor(RawTensor),
+    Mark,
+}
+
+fn storage_dtype(name: &str) -> Option<(Dtype, usize)> {
+    Some(match name {
+        "FloatStorage" => (Dtype::F32, 4),
+        "HalfStorage" => (Dtype::F16, 2),
+        "BFloat16Storage" => (Dtype::BF16, 2),
+        "DoubleStorage" => (Dtype::F64, 8),
+        "LongStorage" => (Dtype::I64, 8),
+        "IntStorage" => (Dtype::I32, 4),
+        "ShortStorage" => (Dtype::I16, 2),
+        "CharStorage" => (Dtype::I8, 1),
+        "ByteStorage" => (Dtype::U8, 1),
+        "BoolStorage" => (Dtype::BOOL, 1),
+        _ => return None,
+    })
+}
+
+const ALLOWED: &[&str] = &[
+    "collections.OrderedDict",
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter",
+    "torch._utils._rebuild_parameter_with_state",
+];
+
+fn check_global(module: &str, name: &str) -> Result<String> {
+    let full = format!("{module}.{name}");
+    if ALLOWED.contains(&full.as_str()) || (module == "torch" && storage_dtype(name).is_some()) {
+        Ok(full)
+    } else {
+        bail!("refused: the pickle asks for the global '{full}', which is not part of a state dict (nothing was run)")
+    }
+}
+
+struct Unpickler<'a> {
+    data: &'a [u8],
+    pos: usize,
+    stack: Vec<Value>,
+    memo: BTreeMap<u64, Value>,
+    storages: &'a dyn Fn(&str) -> Result<Vec<u8>>,
+}
+
+impl Unpickler<'_> {
+    fn byte(&mut self) -> Result<u8> {
+        let b = *self.data.get(self.pos).context("pickle ends early")?;
+        self.pos += 1;
+        Ok(b)
+    }
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .context("pickle ends early")?;
+        let s = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn line(&mut self) -> Result<String> {
+        let start = self.pos;
+        while self.byte()? != b'\n' {}
+        Ok(String::from_utf8_lossy(&self.data[start..self.pos - 1]).to_string())
+    }
+    fn pop(&mut self) -> Result<Value> {
+        self.stack.pop().context("pickle stack underflow")
+    }
+    fn pop_mark(&mut self) -> Result<Vec<Value>> {
+        let i = self
+            .stack
+            .iter()
+            .rposition(|v| matches!(v, Value::Mark))
+            .context("no MARK on the pickle stack")?;
+        let items = self.stack.split_off(i + 1);
+        self.stack.pop();
+        Ok(items)
+    }
+    fn top(&mut self) -> Result<&mut Value> {
+        self.stack.last_mut().context("pickle stack underflow")
+    }
+
+    fn run(&mut self) -> Result<Value> {
+        loop {
+            let op = self.byte()?;
+            match op {
+                0x80 => {
+                    self.byte()?;
+                } // PROTO
+                0x95 => {
+                    self.take(8)?;
+                } // FRAME
+                b'.' => return self.pop(),
+                b'}' => self.stack.push(Value::Dict(Vec::new())),
+                b']' => self.stack.push(Value::List(Vec::new())),
+                b')' => self.stack.push(Value::Tuple(Vec::new())),
+                b'(' => self.stack.push(Value::Mark),
+                b't' => {
+                    let items = self.pop_mark()?;
+                    self.stack.push(Value::Tuple(items));
+                }
+                0x85..=0x87 => {
+                    let n = (op - 0x84) as usize;
+                    let at = self
+                        .stack
+                        .len()
+                        .checked_sub(n)
+                        .context("pickle stack underflow")?;
+                    let items = self.stack.split_off(at);
+                    self.stack.push(Value::Tuple(items));
+                }
+                b'X' => {
+                    let n = self.u32()? as usize;
+                    let s = String::from_utf8_lossy(self.take(n)?).to_string();
+                    self.stack.push(Value::Str(s));
+                }
+                0x8c => {
+                    let n = self.byte()? as usize;
+                    let s = String::from_utf8_lossy(self.take(n)?).to_string();
+                    self.stack.push(Value::Str(s));
+                }
+                0x8d => {
+                    let n = u64::from_le_bytes(self.take(8)?.try_into().expect("8")) as usize;
+                    let s = String::from_utf8_lossy(self.take(n)?).to_string();
+                    self.stack.push(Value::Str(s));
+                }
+                b'U' => {
+                    let n = self.byte()? as usize;
+                    let s = String::from_utf8_lossy(self.take(n)?).to_string();
+                    self.stack.push(Value::Str(s));
+                }
+                b'T' => {
+                    let n = self.u32()? as usize;
+                    let s = String::from_utf8_lossy(self.take(n)?).to_string();
+                    self.stack.push(Value::Str(s));
+                }
+                b'J' => {
+                    let v = i32::from_le_bytes(self.take(4)?.try_into().expect("4"));
+                    self.stack.push(Value::Int(v as i64));
+                }
+                b'K' => {
+                    let v = self.byte()?;
+                    self.stack.push(Value::Int(v as i64));
+                }
+                b'M' => {
+                    let v = u16::from_le_bytes(self.take(2)?.try_into().expect("2"));
+                    self.stack.push(Value::Int(v as i64));
+                }
+                0x8a => {
+                    let n = self.byte()? as usize;
+                    let b = self.take(n)?;
+                    if n > 8 {
+                        bail!("integer of {n} bytes in the pickle");
+                    }
+                    let mut buf = if b.last().is_some_and(|x| x & 0x80 != 0) {
+                        [0xffu8; 8]
+                    } else {
+                        [0u8; 8]
+                    };
+                    buf[..n].copy_from_slice(b);
+                    self.stack.push(Value::Int(i64::from_le_bytes(buf)));
+                }
+                b'G' => {
+                    self.take(8)?;
+                    self.stack.push(Value::Scalar);
+                }
+                b'N' => self.stack.push(Value::None),
+                0x88 => self.stack.push(Value::Scalar),
+                0x89 => self.stack.push(Value::Scalar),
+                b'q' => {
+                    let k = self.byte()? as u64;
+                    let v = self.top()?.clone();
+                    self.memo.insert(k, v);
+                }
+                b'r' => {
+                    let k = self.u32()? as u64;
+                    let v = self.top()?.clone();
+                    self.memo.insert(k, v);
+                }
+                0x94 => {
+                    let k = self.memo.len() as u64;
+                    let v = self.top()?.clone();
+                    self.memo.insert(k, v);
+                }
+                b'h' => {
+                    let k = self.byte()? as u64;
+                    let v = self.memo.get(&k).cloned().context("pickle memo miss")?;
+                    self.stack.push(v);
+                }
+                b'j' => {
+                    let k = self.u32()? as u64;
+                    let v = self.memo.get(&k).cloned().context("pickle memo miss")?;
+                    self.stack.push(v);
+                }
+                b'c' => {
+                    let module = self.line()?;
+                    let name = self.line()?;
+                    let g = check_global(&module, &name)?;
+                    self.stack.push(Value::Global(g));
+                }
+                0x93 => {
+                    let name = self.pop()?;
+                    let module = self.pop()?;
+                    match (module, name) {
+                        (Value::Str(m), Value::Str(n)) => {
+                            let g = check_global(&m, &n)?;
+                            self.stack.push(Value::Global(g));
+                        }
+                        _ => bail!("STACK_GLOBAL without strings"),
+                    }
+                }
+                b'Q' => {
+                    let pid = self.pop()?;
+                    let v = self.persistent(pid)?;
+                    self.stack.push(v);
+                }
+                b'R' => {
+                    let args = self.pop()?;
+                    let f = self.pop()?;
+                    let v = self.reduce(f, args)?;
+                    self.stack.push(v);
+                }
+                0x81 => {
+                    // NEWOBJ: cls.__new__(cls, *args), allowed for OrderedDict only.
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    let v = self.reduce(cls, args)?;
+                    self.stack.push(v);
+                }
+                b'b' => {
+                    // BUILD: the state of an OrderedDict (its `_metadata`) is not needed.
+                    let _state = self.pop()?;
+                }
+                b's' => {
+                    let v = self.pop()?;
+                    let k = self.pop()?;
+                    match self.top()? {
+                        Value::Dict(d) => d.push((k, v)),
+                        _ => bail!("SETITEM on a non-dict"),
+                    }
+                }
+                b'u' => {
+                    let items = self.pop_mark()?;
+                    let Value::Dict(d) = self.top()? else {
+                        bail!("SETITEMS on a non-dict")
+                    };
+                    let mut it = items.into_iter();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        d.push((k, v));
+                    }
+                }
+                b'a' => {
+                    let v = self.pop()?;
+                    match self.top()? {
+                        Value::List(l) => l.push(v),
+                        _ => bail!("APPEND on a non-list"),
+                    }
+                }
+                b'e' => {
+                    let items = self.pop_mark()?;
+                    match self.top()? {
+                        Value::List(l) => l.extend(items),
+                        _ => bail!("APPENDS on a non-list"),
+                    }
+                }
+                op => bail!(
+                    "unsupported pickle opcode 0x{op:02x} at byte {}",
+                    self.pos - 1
+                ),
+            }
+        }
+    }
+
+    fn persistent(&mut self, pid: Value) -> Result<Value> {
+        let Value::Tuple(t) = pid else {
+            bail!("persistent id is not a tuple")
+        };
+        match t.as_slice() {
+            [Value::Str(kind), Value::Global(g), Value::Str(key), _location, _numel]
+                if kind == "storage" =>
+            {
+                let name = g.rsplit('.').next().unwrap_or("");
+                let (dtype, _) =
+                    storage_dtype(name).with_context(|| format!("unknown storage type {g}"))?;
+                Ok(Value::Storage {
+                    dtype,
+                    key: key.clone(),
+                })
+            }
+            _ => bail!("unsupported persistent id {t:?}"),
+        }
+    }
+
+    fn reduce(&mut self, f: Value, args: Value) -> Result<Value> {
+        let Value::Global(g) = f else {
+            bail!("REDUCE on a non-global")
+        };
+        let Value::Tuple(a) = args else {
+            bail!("REDUCE arguments are not a tuple")
+        };
+        match g.as_str() {
+            "collections.OrderedDict" => Ok(Value::Dict(Vec::new())),
+            "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => a
+                .into_iter()
+                .next()
+                .context("_rebuild_parameter without data"),
+            "torch._utils._rebuild_tensor_v2" => {
+                let mut it = a.into_iter();
+                let (
+                    Some(Value::Storage { dtype, key }),
+                    Some(Value::Int(offset)),
+                    Some(Value::Tuple(size)),
+                    Some(Value::Tuple(stride)),
+                ) = (it.next(), it.next(), it.next(), it.next())
+                else {
+                    bail!("_rebuild_tensor_v2 with unexpected arguments")
+                };
+                let ints = |v: Vec<Value>| -> Result<Vec<usize>> {
+                    v.into_iter()
+                        .map(|x| match x {
+                            Value::Int(i) if i >= 0 => Ok(i as usize),
+                            _ => bail!("bad tensor size"),
+                        })
+                        .collect()
+                };
+                let (shape, stride) = (ints(size)?, ints(stride)?);
+                let (_, es) = storage_dtype(match dtype {
+                    Dtype::F32 => "FloatStorage",
+                    Dtype::F16 => "HalfStorage",
+                    Dtype::BF16 => "BFloat16Storage",
+                    Dtype::F64 => "DoubleStorage",
+                    Dtype::I64 => "LongStorage",
+                    Dtype::I32 => "IntStorage",
+                    Dtype::I16 => "ShortStorage",
+                    Dtype::I8 => "CharStorage",
+                    Dtype::BOOL => "BoolStorage",
+                    _ => "ByteStorage",
+                })
+                .expect("known");
+                let storage = (self.storages)(&key)?;
+                let n: usize = shape.iter().product();
+                let mut data = Vec::with_capacity(n * es);
+                // Gather by strides (a no-op copy for contiguous tensors).
+                let mut idx = vec![0usize; shape.len()];
+                for _ in 0..n {
+                    let off = offset as usize
+                        + idx.iter().zip(&stride).map(|(i, s)| i * s).sum::<usize>();
+                    let b = storage
+                        .get(off * es..(off + 1) * es)
+                        .with_context(|| format!("tensor reads past the end of storage {key}"))?;
+                    data.extend_from_slice(b);
+                    for d in (0..shape.len()).rev() {
+                        idx[d] += 1;
+                        if idx[d] < shape[d] {
+                            break;
+                        }
+                        idx[d] = 0;
+                    }
+                }
+                Ok(Value::Tensor(RawTensor { dtype, shape, data }))
+            }
+            g => bail!("refused: call of '{g}'"),
+        }
+    }
+}
+
+fn flatten(prefix: &str, v: Value, out: &mut BTreeMap<String, RawTensor>) -> Result<()> {
+    match v {
+        Value::Tensor(t) => {
+            out.insert(prefix.to_string(), t);
+        }
+        Value::Dict(items) => {
+            for (k, v) in items {
+                let k = match k {
+                    Value::Str(s) => s,
+                    Value::Int(i) => i.to_string(),
+                    other => bail!("dict key {other:?} is not a string"),
+                };
+                let name = if prefix.is_empty() {
+                    k
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&name, v, out)?;
+            }
+        }
+        // Non-tensor leaves (step counters, hyperparameters) are not weights.
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Reads every tensor of a `torch.save` zip checkpoint, by state-dict name (nested dicts joined
+/// with `.`).
+pub fn read_pt(path: &Path) -> Result<BTreeMap<String, RawTensor>> {
+    let f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut zip = zip::ZipArchive::new(f)
+        .with_context(|| format!("{}: not a PyTorch zip checkpoint", path.display()))?;
+    let names: Vec<String> = zip.file_names().map(|s| s.to_string()).collect();
+    let pkl = names
+        .iter()
+        .find(|n| n.ends_with("data.pkl"))
+        .with_context(|| format!("{}: no data.pkl in the archive", path.display()))?
+        .clone();
+    let root = pkl.trim_end_matches("data.pkl").to_string();
+    let mut pickle = Vec::new();
+    zip.by_name(&pkl)?.read_to_end(&mut pickle)?;
+    let zip = std::cell::RefCell::new(zip);
+    let storages = |key: &str| -> Result<Vec<u8>> {
+        let mut z = zip.borrow_mut();
+        let mut f = z
+            .by_name(&format!("{root}data/{key}"))
+            .with_context(|| format!("storage {key} missing"))?;
+        let mut v = Vec::new();
+        f.read_to_end(&mut v)?;
+        Ok(v)
+    };
+    let mut u = Unpickler {
+        data: &pickle,
+        pos: 0,
+        stack: Vec::new(),
+        memo: BTreeMap::new(),
+        storages: &storages,
+    };
+    let v = u.run().with_context(|| format!("{}", path.display()))?;
+    let mut out = BTreeMap::new();
+    flatten("", v, &mut out)?;
+    if out.is_empty() {
+        bail!("{}: no tensors found", path.display());
+    }
+    Ok(out)
+}
+
+/// Writes tensors to safetensors (atomically).
+pub fn write_safetensors(tensors: &BTreeMap<String, RawTensor>, path: &Path) -> Result<()> {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, t)| {
+            Ok((
+                k.clone(),
+                safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, None)?;
+    crate::run::write_atomic(path, &bytes)
+}
