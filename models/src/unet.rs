@@ -158,27 +158,38 @@ enum Layer {
     Down { conv: Option<String> },
 }
 
-/// guided-diffusion's `ResBlock`.
+/// guided-diffusion's `ResBlock` (parameters under `name`).
 #[derive(Debug, Clone)]
-struct ResBlock {
-    name: String,
-    scale_shift: bool,
-    up: bool,
-    down: bool,
-    has_skip_conv: bool,
-    out_channels: usize,
-    dropout: f64,
+pub struct ResBlock {
+    /// Parameter prefix, e.g. `input_blocks.1.0`.
+    pub name: String,
+    /// `use_scale_shift_norm`.
+    pub scale_shift: bool,
+    /// Nearest 2x upsampling inside the block.
+    pub up: bool,
+    /// 2x average pooling inside the block.
+    pub down: bool,
+    /// A 1x1 `skip_connection` conv (input and output channels differ).
+    pub has_skip_conv: bool,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Dropout of `out_layers.2`.
+    pub dropout: f64,
 }
 
-/// guided-diffusion's `AttentionBlock`.
+/// guided-diffusion's `AttentionBlock` (parameters under `name`).
 #[derive(Debug, Clone)]
-struct AttentionBlock {
-    name: String,
-    channels: usize,
+pub struct AttentionBlock {
+    /// Parameter prefix.
+    pub name: String,
+    /// Channels.
+    pub channels: usize,
     /// Side of the feature map it sees (image_size / ds).
-    side: usize,
-    heads: usize,
-    new_order: bool,
+    pub side: usize,
+    /// Heads.
+    pub heads: usize,
+    /// `QKVAttention` (true) or `QKVAttentionLegacy`.
+    pub new_order: bool,
 }
 
 /// The ADM UNet: a module tree of names, no weights. Weights come from the backend.
@@ -521,27 +532,35 @@ fn apply_seq<B: Backend>(
             Layer::Conv { name, stride } => conv(b, name, inp, *stride, 1)?,
             Layer::Res(r) => r.forward(b, inp, emb)?,
             Layer::Attn(a) => a.forward(b, inp)?,
-            Layer::Up { conv: c } => {
-                let u = b.upsample_nearest2x(inp);
-                match c {
-                    Some(n) => conv(b, n, &u, 1, 1)?,
-                    None => u,
-                }
-            }
-            Layer::Down { conv: c } => match c {
-                Some(n) => conv(b, n, inp, 2, 1)?,
-                None => b.avg_pool2d(inp, 2),
-            },
+            Layer::Up { conv: c } => upsample(b, c.as_deref(), inp)?,
+            Layer::Down { conv: c } => downsample(b, c.as_deref(), inp)?,
         });
     }
     Ok(h.expect("a block has at least one layer"))
+}
+
+/// guided-diffusion's `Upsample`: nearest 2x, then a 3x3 conv named `conv` when given.
+pub fn upsample<B: Backend>(b: &B, conv_name: Option<&str>, x: &B::Tensor) -> Result<B::Tensor> {
+    let u = b.upsample_nearest2x(x);
+    match conv_name {
+        Some(n) => conv(b, n, &u, 1, 1),
+        None => Ok(u),
+    }
+}
+
+/// guided-diffusion's `Downsample`: a 3x3 stride-2 conv named `op` when given, else 2x2 average pooling.
+pub fn downsample<B: Backend>(b: &B, conv_name: Option<&str>, x: &B::Tensor) -> Result<B::Tensor> {
+    match conv_name {
+        Some(n) => conv(b, n, x, 2, 1),
+        None => Ok(b.avg_pool2d(x, 2)),
+    }
 }
 
 impl ResBlock {
     /// # Shapes
     /// - `x`: [N, C, H, W], `emb`: SiLU of the time embedding, [N|1, 4mc]
     /// - returns [N, out, H', W'] (H' = 2H up, H/2 down)
-    fn forward<B: Backend>(&self, b: &B, x: &B::Tensor, emb: &B::Tensor) -> Result<B::Tensor> {
+    pub fn forward<B: Backend>(&self, b: &B, x: &B::Tensor, emb: &B::Tensor) -> Result<B::Tensor> {
         let n = &self.name;
         let h = norm(b, &format!("{n}.in_layers.0"), x)?;
         let h = b.silu(&h);
@@ -592,7 +611,7 @@ impl ResBlock {
 impl AttentionBlock {
     /// # Shapes
     /// - `x`: [N, C, S, S] -> [N, C, S, S]
-    fn forward<B: Backend>(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+    pub fn forward<B: Backend>(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
         let n = &self.name;
         let c = self.channels as i64;
         let t = (self.side * self.side) as i64;
