@@ -8,6 +8,8 @@ pub mod data;
 pub mod davi;
 pub mod device;
 pub mod diffusion;
+pub mod dps;
+pub mod eval;
 pub mod export;
 pub mod params;
 pub mod plot;

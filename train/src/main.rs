@@ -107,6 +107,42 @@ enum Cmd {
         #[arg(long)]
         ort_lib: Option<PathBuf>,
     },
+    /// Evaluate DAVI against DPS and the lifted measurement on held-out images.
+    Eval {
+        /// DAVI checkpoint (its EMA weights).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Model config (its teacher is DPS's prior).
+        #[arg(long)]
+        config: PathBuf,
+        /// Test images for DAVI and the lifted measurement.
+        #[arg(short, default_value_t = 1000)]
+        n: usize,
+        /// DPS steps.
+        #[arg(long, default_value_t = 1000)]
+        dps_steps: usize,
+        /// Test images for DPS (the first of the n; DPS costs dps-steps evaluations each).
+        #[arg(long, default_value_t = 16)]
+        dps_n: usize,
+        /// DPS step size (zeta).
+        #[arg(long, default_value_t = 1.0)]
+        dps_zeta: f64,
+        /// Output folder for eval.json, eval.md and sheet.png.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Write the eval table into this model card.
+        #[arg(long)]
+        card: Option<PathBuf>,
+        /// DPS's prior (default: the config's train.davi.teacher).
+        #[arg(long)]
+        teacher: Option<PathBuf>,
+        /// Batch size.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Convert a PyTorch checkpoint (`torch.save` zip) to safetensors without running pickle code.
     Import {
         /// The `.pt` file.
@@ -285,6 +321,38 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Cmd::Eval {
+            checkpoint: ckpt,
+            config,
+            n,
+            dps_steps,
+            dps_n,
+            dps_zeta,
+            output,
+            card,
+            teacher,
+            batch,
+            device,
+        } => {
+            let dev = device::pick(&device)?;
+            let args = davi_train::eval::EvalArgs {
+                checkpoint: ckpt,
+                config,
+                n,
+                dps_steps,
+                dps_n,
+                dps_zeta,
+                out: output.clone(),
+                card,
+                teacher,
+                device: dev,
+                batch,
+            };
+            let r = davi_train::eval::eval(&args)?;
+            print!("{}", davi_train::eval::markdown(&r));
+            eprintln!("wrote {}/eval.json, eval.md, sheet.png", output.display());
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Import {
             input,

@@ -1,0 +1,325 @@
+//! `davi-train eval`: DAVI (one evaluation) against DPS (many) and the lifted measurement on
+//! held-out images: PSNR and SSIM on [0, 1] with 95% intervals, network evaluations and wall time
+//! per image, a contact sheet, JSON and Markdown.
+
+use crate::backend::{array_from_tensor, TchBackend};
+use crate::config::train_config;
+use crate::data::{Dataset, Split};
+use crate::davi::measure;
+use crate::dps::{self, Dps};
+use crate::{checkpoint, plot, run::write_atomic};
+use anyhow::{Context, Result};
+use davi_models::card::{EvalRow, EvalTable, ModelCard};
+use davi_models::metrics::{mean_ci95, psnr, ssim};
+use davi_models::schedule::Diffusion;
+use davi_models::{DaviConfig, Implicit};
+use ndarray::{s, Array4};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// What `eval` was asked.
+pub struct EvalArgs {
+    /// DAVI checkpoint (EMA weights).
+    pub checkpoint: PathBuf,
+    /// The model config.
+    pub config: PathBuf,
+    /// Test images for DAVI and the lifted measurement.
+    pub n: usize,
+    /// DPS steps.
+    pub dps_steps: usize,
+    /// Test images for DPS (the first `dps_n` of the `n`).
+    pub dps_n: usize,
+    /// DPS step size.
+    pub dps_zeta: f64,
+    /// Output folder (JSON, Markdown, contact sheet).
+    pub out: PathBuf,
+    /// Model card to write the `eval:` table into.
+    pub card: Option<PathBuf>,
+    /// DPS's prior (default: the config's `train.davi.teacher`).
+    pub teacher: Option<PathBuf>,
+    /// Device.
+    pub device: Device,
+    /// Batch size.
+    pub batch: usize,
+}
+
+/// One method's scores.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodScores {
+    /// Images scored.
+    pub n: usize,
+    /// Mean PSNR (dB).
+    pub psnr: f64,
+    /// 95% half-interval.
+    pub psnr_ci95: f64,
+    /// Mean SSIM.
+    pub ssim: f64,
+    /// 95% half-interval.
+    pub ssim_ci95: f64,
+    /// Network evaluations per image.
+    pub nfe: usize,
+    /// Wall seconds per image.
+    pub seconds_per_image: f64,
+}
+
+/// The evaluation report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Model name.
+    pub model: String,
+    /// Task.
+    pub task: String,
+    /// DAVI.
+    pub davi: MethodScores,
+    /// The lifted measurement.
+    pub lifted: MethodScores,
+    /// DPS (on the first `dps.n` images, `dps.nfe` steps).
+    pub dps: MethodScores,
+    /// Device.
+    pub device: String,
+}
+
+fn scores(pred: &Array4<f32>, truth: &Array4<f32>, nfe: usize, secs: f64) -> MethodScores {
+    let n = pred.shape()[0];
+    let to01 = |a: ndarray::ArrayView3<f32>| a.mapv(|v| (v.clamp(-1.0, 1.0) + 1.0) / 2.0);
+    let mut p = Vec::new();
+    let mut q = Vec::new();
+    for i in 0..n {
+        let a = to01(pred.slice(s![i, .., .., ..]));
+        let b = to01(truth.slice(s![i, .., .., ..]));
+        p.push(psnr(a.view(), b.view()).min(100.0));
+        q.push(ssim(a.view(), b.view()));
+    }
+    let (pm, pc) = mean_ci95(&p);
+    let (sm, sc) = mean_ci95(&q);
+    MethodScores {
+        n,
+        psnr: pm,
+        psnr_ci95: pc,
+        ssim: sm,
+        ssim_ci95: sc,
+        nfe,
+        seconds_per_image: secs / n.max(1) as f64,
+    }
+}
+
+fn arr4(t: &Tensor) -> Array4<f32> {
+    array_from_tensor(t).into_dimensionality().expect("rank 4")
+}
+
+/// Runs the evaluation; writes `eval.json`, `eval.md` and `sheet.png` to `args.out`.
+pub fn eval(args: &EvalArgs) -> Result<Report> {
+    let cfg = DaviConfig::from_file(&args.config)?;
+    let task = cfg.task()?.clone();
+    let implicit = Implicit::new(&cfg)?;
+    let diff = Diffusion::new(cfg.diffusion.schedule, cfg.diffusion.steps);
+    let (c, s) = (implicit.channels, implicit.size);
+    let data_cfg = cfg
+        .data
+        .clone()
+        .with_context(|| format!("{}: no data section", args.config.display()))?;
+    let ds = Dataset::open(&data_cfg, Split::Test, c, s, true)?;
+    let n = args.n.min(ds.len);
+    let phi = checkpoint::load_params(
+        &args.checkpoint,
+        implicit.unet.param_shapes(),
+        Some("ema."),
+        args.device,
+    )?;
+    let bphi = TchBackend::new(phi, args.device);
+    let teacher_path = match &args.teacher {
+        Some(t) => t.display().to_string(),
+        None => train_config(&cfg)?
+            .davi
+            .map(|d| d.teacher)
+            .unwrap_or_default(),
+    };
+    let (mut x_all, mut y_all, mut lift_all, mut davi_all) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut davi_secs = 0.0;
+    // Warm-up: the first call initialises thread pools and kernels; it is not timed.
+    tch::no_grad(|| -> Result<()> {
+        let y = Tensor::zeros([1, 0, 0, 0], (Kind::Float, args.device));
+        let [cy, hy, wy] = implicit.operator.measurement_shape(c, s);
+        let y = y.new_zeros(
+            [1, cy as i64, hy as i64, wy as i64],
+            (Kind::Float, args.device),
+        );
+        let z = Tensor::zeros(
+            [1, c as i64, s as i64, s as i64],
+            (Kind::Float, args.device),
+        );
+        implicit.restore(&bphi, &y, &z)?;
+        Ok(())
+    })?;
+    tch::manual_seed(4321);
+    for start in (0..n).step_by(args.batch) {
+        let m = args.batch.min(n - start);
+        let idx: Vec<usize> = (start..start + m).collect();
+        let x0 = Tensor::from_slice(&ds.batch(&idx)?)
+            .reshape([m as i64, c as i64, s as i64, s as i64])
+            .to_device(args.device);
+        let (y, lifted, out, secs) = tch::no_grad(|| -> Result<_> {
+            let y = measure(&implicit.operator, &bphi, &x0, c, s, task.sigma_y).clamp(-1.0, 1.0);
+            let lifted = implicit.operator.lift(&bphi, &y, c, s).clamp(-1.0, 1.0);
+            let z = Tensor::randn_like(&x0);
+            let t = Instant::now();
+            let out = implicit.restore(&bphi, &y, &z)?;
+            let _ = out.sum(Kind::Float).double_value(&[]); // synchronise before timing
+            Ok((y, lifted, out, t.elapsed().as_secs_f64()))
+        })?;
+        davi_secs += secs;
+        x_all.push(x0);
+        y_all.push(y);
+        lift_all.push(lifted);
+        davi_all.push(out);
+    }
+    let x = Tensor::cat(&x_all, 0);
+    let y = Tensor::cat(&y_all, 0);
+    let truth = arr4(&x);
+    let davi = scores(&arr4(&Tensor::cat(&davi_all, 0)), &truth, 1, davi_secs);
+    let lifted_t = Tensor::cat(&lift_all, 0);
+    let lifted = scores(&arr4(&lifted_t), &truth, 0, 0.0);
+    // DPS with the teacher, on the first dps_n images.
+    let dps_n = args.dps_n.min(n);
+    let (dps_scores, dps_imgs) = if dps_n > 0 && !teacher_path.is_empty() {
+        let teacher = checkpoint::load_params(
+            Path::new(&teacher_path),
+            implicit.unet.param_shapes(),
+            Some("ema."),
+            args.device,
+        )?;
+        let bt = TchBackend::new(teacher, args.device);
+        let cfg_dps = Dps {
+            steps: args.dps_steps,
+            zeta: args.dps_zeta,
+        };
+        let mut outs = Vec::new();
+        let t = Instant::now();
+        let mut nfe = 0;
+        for start in (0..dps_n).step_by(args.batch) {
+            let m = args.batch.min(dps_n - start);
+            let (o, k) = dps::restore(
+                &implicit.unet,
+                &bt,
+                &diff,
+                &implicit.operator,
+                &y.narrow(0, start as i64, m as i64),
+                &cfg_dps,
+                99 + start as i64,
+            )?;
+            nfe = k;
+            outs.push(o);
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let o = Tensor::cat(&outs, 0);
+        (
+            scores(&arr4(&o), &arr4(&x.narrow(0, 0, dps_n as i64)), nfe, secs),
+            Some(o),
+        )
+    } else {
+        (
+            MethodScores {
+                n: 0,
+                psnr: f64::NAN,
+                psnr_ci95: f64::NAN,
+                ssim: f64::NAN,
+                ssim_ci95: f64::NAN,
+                nfe: 0,
+                seconds_per_image: f64::NAN,
+            },
+            None,
+        )
+    };
+    let report = Report {
+        model: cfg.name.clone(),
+        task: task.operator.task().into(),
+        davi,
+        lifted,
+        dps: dps_scores,
+        device: format!("{:?}", args.device),
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("{}: cannot create", args.out.display()))?;
+    write_atomic(
+        &args.out.join("eval.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    write_atomic(&args.out.join("eval.md"), markdown(&report).as_bytes())?;
+    // Contact sheet: lifted measurement | DAVI | DPS | truth, first 8 images.
+    let rows = 8.min(n).min(if dps_imgs.is_some() { dps_n } else { n });
+    let mut cols = vec![
+        lifted_t.narrow(0, 0, rows as i64),
+        Tensor::cat(&davi_all, 0).narrow(0, 0, rows as i64),
+    ];
+    if let Some(d) = &dps_imgs {
+        cols.push(d.narrow(0, 0, rows as i64));
+    }
+    cols.push(x.narrow(0, 0, rows as i64));
+    let k = cols.len();
+    let grid = Tensor::stack(&cols, 1).reshape([(rows * k) as i64, c as i64, s as i64, s as i64]);
+    let a = array_from_tensor(&grid);
+    let img = plot::grid(a.as_slice().expect("contiguous"), rows * k, c, s, k);
+    let img = image::imageops::resize(
+        &img,
+        img.width() * 3,
+        img.height() * 3,
+        image::imageops::FilterType::Nearest,
+    );
+    let mut buf = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
+    write_atomic(&args.out.join("sheet.png"), &buf)?;
+    if let Some(card_path) = &args.card {
+        update_card(card_path, &cfg, &report)?;
+    }
+    Ok(report)
+}
+
+/// The Markdown table of a report.
+pub fn markdown(r: &Report) -> String {
+    let row = |name: &str, m: &MethodScores| {
+        format!(
+            "| {name} | {} | {:.2} ± {:.2} | {:.4} ± {:.4} | {} | {:.4} |\n",
+            m.n, m.psnr, m.psnr_ci95, m.ssim, m.ssim_ci95, m.nfe, m.seconds_per_image
+        )
+    };
+    let mut s = format!(
+        "{} ({}), device {}\n\n| method | images | PSNR (dB) | SSIM | network evaluations | seconds / image |\n|---|---:|---:|---:|---:|---:|\n",
+        r.model, r.task, r.device
+    );
+    s += &row("lifted measurement", &r.lifted);
+    s += &row("DAVI", &r.davi);
+    s += &row(&format!("DPS ({} steps)", r.dps.nfe), &r.dps);
+    s
+}
+
+fn update_card(path: &Path, cfg: &DaviConfig, r: &Report) -> Result<()> {
+    let row = |m: &MethodScores| EvalRow {
+        psnr: m.psnr,
+        ssim: m.ssim,
+        nfe: m.nfe,
+        seconds_per_image: m.seconds_per_image,
+    };
+    let mut card: ModelCard = if path.exists() {
+        serde_yaml::from_str(&std::fs::read_to_string(path)?)
+            .with_context(|| format!("{}: bad card", path.display()))?
+    } else {
+        ModelCard {
+            name: cfg.name.clone(),
+            task: cfg.task()?.clone(),
+            data: format!("{:?}", cfg.data),
+            training_steps: 0,
+            training_seconds: 0.0,
+            eval: None,
+        }
+    };
+    card.eval = Some(EvalTable {
+        n: r.davi.n,
+        davi: row(&r.davi),
+        dps: row(&r.dps),
+        lifted: row(&r.lifted),
+    });
+    write_atomic(path, serde_yaml::to_string(&card)?.as_bytes())
+}
