@@ -141,9 +141,8 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
     let mut davi_secs = 0.0;
     // Warm-up: the first call initialises thread pools and kernels; it is not timed.
     tch::no_grad(|| -> Result<()> {
-        let y = Tensor::zeros([1, 0, 0, 0], (Kind::Float, args.device));
         let [cy, hy, wy] = implicit.operator.measurement_shape(c, s);
-        let y = y.new_zeros(
+        let y = Tensor::zeros(
             [1, cy as i64, hy as i64, wy as i64],
             (Kind::Float, args.device),
         );
@@ -151,7 +150,7 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
             [1, c as i64, s as i64, s as i64],
             (Kind::Float, args.device),
         );
-        implicit.restore(&bphi, &y, &z)?;
+        let _ = implicit.restore(&bphi, &y, &z)?;
         Ok(())
     })?;
     tch::manual_seed(4321);
