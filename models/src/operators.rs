@@ -19,6 +19,7 @@ pub enum Operator {
         sigma: f64,
     },
     /// Average pooling by `scale`; lifted by bilinear upsampling.
+    #[serde(rename = "sr")]
     SuperRes {
         /// Downsampling factor.
         scale: usize,

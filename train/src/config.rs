@@ -24,6 +24,8 @@ pub struct PriorTrain {
     pub checkpoint_every: usize,
     /// Sample grid every N steps (0: only at the end).
     pub sample_every: usize,
+    /// Samples in a grid (DDIM, 50 steps).
+    pub sample_n: usize,
     /// Checkpoints kept.
     pub keep: usize,
     /// Seed of weights, batches and noise.
@@ -43,6 +45,7 @@ impl Default for PriorTrain {
             grad_clip: 1.0,
             checkpoint_every: 200,
             sample_every: 1000,
+            sample_n: 64,
             keep: 3,
             seed: 0,
             skip_bad_files: true,

@@ -154,6 +154,7 @@ pub fn train(args: &PriorArgs) -> Result<PathBuf> {
                     &ema,
                     &diff,
                     args.device,
+                    tc.sample_n,
                     &dir.join(format!("samples/step-{step:08}.png")),
                 )?;
             }
@@ -169,7 +170,7 @@ pub fn train(args: &PriorArgs) -> Result<PathBuf> {
     })?;
     if step >= tc.steps {
         bar.finish_with_message("done");
-        finish(&dir, &unet, &ema, &diff, args.device)?;
+        finish(&dir, &unet, &ema, &diff, args.device, tc.sample_n)?;
     }
     Ok(dir)
 }
@@ -217,31 +218,40 @@ fn save(
 }
 
 /// Writes `ema.safetensors` (plain guided-diffusion names: the prior others load) and the final grid.
-fn finish(dir: &Path, unet: &UNetModel, ema: &Ema, diff: &Diffusion, device: Device) -> Result<()> {
+fn finish(
+    dir: &Path,
+    unet: &UNetModel,
+    ema: &Ema,
+    diff: &Diffusion,
+    device: Device,
+    n: usize,
+) -> Result<()> {
     let named: Vec<(String, Tensor)> = ema
         .tensors
         .iter()
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
     checkpoint::save_tensors(&dir.join("ema.safetensors"), &named)?;
-    sample_grid(unet, ema, diff, device, &dir.join("samples.png"))?;
+    sample_grid(unet, ema, diff, device, n, &dir.join("samples.png"))?;
     tracing::info!("wrote {}/ema.safetensors and samples.png", dir.display());
     Ok(())
 }
 
-/// A 8x8 grid of DDIM-50 samples from the EMA weights.
+/// A grid of `n` DDIM-50 samples from the EMA weights.
 pub fn sample_grid(
     unet: &UNetModel,
     ema: &Ema,
     diff: &Diffusion,
     device: Device,
+    n: usize,
     path: &Path,
 ) -> Result<()> {
     let b = TchBackend::new(ema.handles(), device);
-    let x = diffusion::sample(unet, &b, diff, 64, Some(50), 64, 1234)?;
+    let x = diffusion::sample(unet, &b, diff, n, Some(50), 64, 1234)?;
     let a = array_from_tensor(&x);
     let (c, s) = (unet.config.in_channels, unet.config.image_size);
-    let img = plot::grid(a.as_slice().expect("contiguous"), 64, c, s, 8);
+    let cols = (n as f64).sqrt().ceil() as usize;
+    let img = plot::grid(a.as_slice().expect("contiguous"), n, c, s, cols);
     let mut buf = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
     write_atomic(path, &buf)

@@ -1,0 +1,373 @@
+//! Training: loss goes down, resume equals an uninterrupted run, killed checkpoint writes leave a
+//! readable checkpoint, and DAVI's loss terms are what the method says.
+
+use davi_models::schedule::{BetaSchedule, Bridge, Diffusion};
+use davi_models::{DaviConfig, Implicit, UNetModel};
+use davi_train::backend::TchBackend;
+use davi_train::params::ParamSet;
+use davi_train::{checkpoint, diffusion, prior};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+const UNET: &str = "unet:\n  image_size: 16\n  in_channels: 1\n  model_channels: 32\n  out_channels: 1\n  num_res_blocks: 1\n  attention_resolutions: [8]\n  channel_mult: [1, 2]\n  num_head_channels: 32\n  use_scale_shift_norm: true\n  resblock_updown: true\n";
+
+/// 16 grey images with structure, and a config training on them.
+fn setup(dir: &Path, extra: &str) -> PathBuf {
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    for i in 0..16u32 {
+        image::GrayImage::from_fn(16, 16, |x, y| {
+            image::Luma([if (x / 4 + y / 4 + i) % 2 == 0 {
+                230
+            } else {
+                20
+            }])
+        })
+        .save(imgs.join(format!("{i:02}.png")))
+        .unwrap();
+    }
+    let cfg = dir.join("cfg.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "name: t\n{UNET}data:\n  kind: folder\n  dir: {}\n{extra}",
+            imgs.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+fn prior_cfg(dir: &Path, steps: usize) -> PathBuf {
+    setup(
+        dir,
+        &format!("train:\n  prior:\n    batch_size: 8\n    lr: 1.0e-3\n    steps: {steps}\n    checkpoint_every: 2\n    sample_every: 0\n    sample_n: 4\n    ema: 0.9\n"),
+    )
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    f64::try_from((a - b).abs().max()).unwrap()
+}
+
+/// Mean eps-MSE of `params` on a fixed batch, fixed timesteps and noise.
+fn fixed_loss(unet: &UNetModel, params: std::collections::HashMap<String, Tensor>) -> f64 {
+    let d = Diffusion::new(BetaSchedule::Linear, 1000);
+    tch::manual_seed(11);
+    let x0 = (Tensor::rand([16, 1, 16, 16], (Kind::Float, Device::Cpu))
+        .gt(0.5)
+        .to_kind(Kind::Float)
+        * 2.0)
+        - 1.0;
+    let ts: Vec<usize> = (0..16).map(|i| 50 + i * 60).collect();
+    let eps = Tensor::randn_like(&x0);
+    let x_t = diffusion::q_sample(&d, &x0, &ts, &eps);
+    let b = TchBackend::new(params, Device::Cpu);
+    tch::no_grad(|| {
+        (diffusion::eps(unet, &b, &x_t, &ts).unwrap() - eps)
+            .square()
+            .mean(Kind::Float)
+            .double_value(&[])
+    })
+}
+
+#[test]
+fn prior_steps_lower_the_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = prior_cfg(tmp.path(), 30);
+    let run = tmp.path().join("run");
+    prior::train(&prior::PriorArgs {
+        config: cfg.clone(),
+        device: Device::Cpu,
+        run: Some(run.clone()),
+        steps: None,
+    })
+    .unwrap();
+    let c = DaviConfig::from_file(&cfg).unwrap();
+    let unet = UNetModel::new(&c.unet).unwrap();
+    let init = ParamSet::init(&unet, 0, Device::Cpu).frozen();
+    let trained = checkpoint::load_params(
+        &run.join("ckpt-00000030.safetensors"),
+        unet.param_shapes(),
+        Some("model."),
+        Device::Cpu,
+    )
+    .unwrap();
+    let (before, after) = (fixed_loss(&unet, init), fixed_loss(&unet, trained));
+    assert!(after < 0.8 * before, "loss {before} -> {after}");
+    for f in [
+        "metrics.csv",
+        "loss.png",
+        "config.yaml",
+        "ema.safetensors",
+        "samples.png",
+        "state.json",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = prior_cfg(tmp.path(), 6);
+    let a = tmp.path().join("a");
+    prior::train(&prior::PriorArgs {
+        config: cfg.clone(),
+        device: Device::Cpu,
+        run: Some(a.clone()),
+        steps: None,
+    })
+    .unwrap();
+    let b = tmp.path().join("b");
+    prior::train(&prior::PriorArgs {
+        config: cfg.clone(),
+        device: Device::Cpu,
+        run: Some(b.clone()),
+        steps: Some(4),
+    })
+    .unwrap();
+    prior::train(&prior::PriorArgs {
+        config: cfg.clone(),
+        device: Device::Cpu,
+        run: Some(b.clone()),
+        steps: None,
+    })
+    .unwrap();
+    let ta = checkpoint::load_tensors(&a.join("ckpt-00000006.safetensors"), Device::Cpu).unwrap();
+    let tb = checkpoint::load_tensors(&b.join("ckpt-00000006.safetensors"), Device::Cpu).unwrap();
+    assert_eq!(ta.len(), tb.len());
+    for (k, t) in &ta {
+        let d = max_diff(t, &tb[k]);
+        assert!(d < 1e-5, "{k} differs by {d}");
+    }
+    // Rows are logged every 10 steps and at the end of each invocation: steps 4 and 6, once each.
+    let rows = std::fs::read_to_string(b.join("metrics.csv")).unwrap();
+    let steps: Vec<&str> = rows
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(steps, vec!["4", "6"], "{rows}");
+}
+
+#[test]
+fn killed_training_keeps_a_readable_checkpoint_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = prior_cfg(tmp.path(), 400);
+    let run = tmp.path().join("run");
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_davi-train"));
+    let step_of = |run: &Path| -> usize {
+        std::fs::read_to_string(run.join("state.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v["step"].as_u64())
+            .unwrap_or(0) as usize
+    };
+    for delay_ms in [0u64, 97, 211] {
+        let before = step_of(&run);
+        let mut child = std::process::Command::new(&bin)
+            .args([
+                "prior",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--run",
+                run.to_str().unwrap(),
+                "--device",
+                "cpu",
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait for a new checkpoint, then kill at some point of the next one's cycle.
+        let t = std::time::Instant::now();
+        while step_of(&run) <= before && t.elapsed().as_secs() < 120 {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(step_of(&run) > before, "no checkpoint within 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL, possibly mid-write
+        child.wait().unwrap();
+        let st: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("state.json")).unwrap())
+                .unwrap();
+        let ck = run.join(st["checkpoint"].as_str().unwrap());
+        let t = checkpoint::load_tensors(&ck, Device::Cpu).unwrap();
+        assert!(t.keys().any(|k| k.starts_with("ema.")));
+    }
+    let out = std::process::Command::new(&bin)
+        .args([
+            "prior",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--run",
+            run.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--steps",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    // --steps 0 on a run past step 0: nothing to train, but the resume path (state, checkpoint,
+    // optimizer) loads.
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ikl_surrogate_puts_the_method_gradient_on_x_hat() {
+    // L = mean(stopgrad(g) * x_hat) => dL/dx_hat = g / D.
+    let x_hat = Tensor::randn([2, 1, 4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let d = Diffusion::new(BetaSchedule::Linear, 1000);
+    let x0_psi = Tensor::randn([2, 1, 4, 4], (Kind::Float, Device::Cpu));
+    let x0_theta = Tensor::randn([2, 1, 4, 4], (Kind::Float, Device::Cpu));
+    let ts = [10usize, 500];
+    let w = diffusion::column(&ts, |t| d.ikl_weight(t), Device::Cpu);
+    let g = (&x0_psi - &x0_theta) * &w;
+    let loss = (&g * &x_hat).mean(Kind::Float);
+    loss.backward();
+    let want = &g / 32.0;
+    assert!(max_diff(&x_hat.grad(), &want) < 1e-7);
+    let w10 = (d.alphas_cumprod[10] / (1.0 - d.alphas_cumprod[10])).sqrt();
+    assert!((f64::try_from(w.get(0).flatten(0, -1).get(0)).unwrap() - w10).abs() < 1e-3 * w10);
+}
+
+fn davi_cfg(dir: &Path, task: &str) -> DaviConfig {
+    let cfg = setup(
+        dir,
+        &format!("task:\n  operator: {task}\n  sigma_y: 0.05\n  h: 0.1\n"),
+    );
+    DaviConfig::from_file(&cfg).unwrap()
+}
+
+#[test]
+fn bridge_gives_x0_at_zero_and_the_lift_at_t_minus_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = davi_cfg(tmp.path(), "{task: sr, scale: 4}");
+    let imp = Implicit::new(&cfg).unwrap();
+    let b = TchBackend::new(Default::default(), Device::Cpu);
+    let x0 = Tensor::randn([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+    let y = Tensor::randn([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+    let z = Tensor::randn([2, 1, 16, 16], (Kind::Float, Device::Cpu));
+    let at0 = imp.bridge_sample(&b, &x0, &y, &z, &[0, 0]);
+    assert!(
+        max_diff(&at0, &x0) < 1e-3,
+        "a = 0 is x0 (up to mu1(0) and h(1 - ab_0) z)"
+    );
+    let last = imp.last_step();
+    let at1 = imp.bridge_sample(&b, &x0, &y, &z, &[last, last]);
+    let ab = Diffusion::new(BetaSchedule::Linear, 1000).alphas_cumprod[last];
+    assert!(max_diff(&at1, &(&y + &z * (0.1 * (1.0 - ab)))) < 1e-6);
+    let _ = Bridge::new(&Diffusion::new(BetaSchedule::Linear, 1000));
+}
+
+#[test]
+fn twenty_davi_steps_lower_the_data_consistency_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = davi_cfg(tmp.path(), "{task: deblur, kernel_size: 5, sigma: 1.0}");
+    let unet = UNetModel::new(&cfg.unet).unwrap();
+    let teacher = ParamSet::init(&unet, 3, Device::Cpu);
+    // A teacher whose output conv is not zero, so I_phi starts away from the measurement.
+    let teacher: std::collections::HashMap<String, Tensor> = teacher
+        .frozen()
+        .into_iter()
+        .map(|(k, v)| {
+            if k.starts_with("out.2.") {
+                let r = v.randn_like() * 0.05;
+                (k, r)
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let hp = davi_train::config::DaviTrain {
+        batch_size: 8,
+        lr: 1e-3,
+        weight_con: 5.0,
+        reg_coeff: 0.0,
+        t_ikl: 400,
+        ..Default::default()
+    };
+    let mut tr = davi_train::davi::Trainer::new(&cfg, hp, teacher, Device::Cpu).unwrap();
+    tch::manual_seed(5);
+    let x0 = (Tensor::rand([8, 1, 16, 16], (Kind::Float, Device::Cpu))
+        .gt(0.5)
+        .to_kind(Kind::Float)
+        * 2.0)
+        - 1.0;
+    let cb = TchBackend::new(Default::default(), Device::Cpu);
+    let y = davi_train::davi::measure(&tr.implicit.operator, &cb, &x0, 1, 16, 0.05);
+    let z = Tensor::randn_like(&x0);
+    let con = |tr: &davi_train::davi::Trainer| {
+        let b = TchBackend::new(tr.phi.frozen(), Device::Cpu);
+        let out = tch::no_grad(|| tr.implicit.restore(&b, &y, &z)).unwrap();
+        (tr.implicit.operator.forward(&cb, &out, 1, 16) - &y)
+            .square()
+            .mean(Kind::Float)
+            .double_value(&[])
+    };
+    let before = con(&tr);
+    for step in 0..20 {
+        let t = tr.step(&x0, step).unwrap();
+        assert!(t.total.is_finite() && t.dsm.is_finite());
+    }
+    let after = con(&tr);
+    assert!(after < before, "data consistency {before} -> {after}");
+}
+
+#[test]
+fn dps_lowers_the_measurement_residual() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = davi_cfg(tmp.path(), "{task: sr, scale: 4}");
+    cfg.diffusion.steps = 50;
+    let unet = UNetModel::new(&cfg.unet).unwrap();
+    let params = ParamSet::init(&unet, 1, Device::Cpu);
+    let b = TchBackend::new(params.frozen(), Device::Cpu);
+    let d = Diffusion::new(BetaSchedule::Linear, 50);
+    let op = davi_models::Operator::SuperRes { scale: 4 };
+    tch::manual_seed(2);
+    let x0 = Tensor::rand([4, 1, 16, 16], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let y = op.forward(&b, &x0, 1, 16);
+    let res = |x: &Tensor| {
+        (&y - op.forward(&b, x, 1, 16))
+            .square()
+            .mean(Kind::Float)
+            .double_value(&[])
+    };
+    let (guided, nfe) = davi_train::dps::restore(
+        &unet,
+        &b,
+        &d,
+        &op,
+        &y,
+        &davi_train::dps::Dps {
+            steps: 50,
+            zeta: 1.0,
+        },
+        9,
+    )
+    .unwrap();
+    let (free, _) = davi_train::dps::restore(
+        &unet,
+        &b,
+        &d,
+        &op,
+        &y,
+        &davi_train::dps::Dps {
+            steps: 50,
+            zeta: 0.0,
+        },
+        9,
+    )
+    .unwrap();
+    assert_eq!(nfe, 50);
+    assert!(
+        res(&guided) < 0.5 * res(&free),
+        "guided {} vs unguided {}",
+        res(&guided),
+        res(&free)
+    );
+}
