@@ -33,4 +33,4 @@ save() {
   tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='ckpt-*' --exclude='ema.safetensors' . 2>/dev/null || true
 }
 trap save EXIT
-time DEVICE=cuda STAGE=train RUNS=$RUNS scripts/zoo.sh 2>&1 | grep -v '^\s*$' | tail -20
+time timeout "${LIMIT:-530}" env DEVICE=cuda STAGE=train RUNS=$RUNS scripts/zoo.sh 2>&1 | grep -v "^\s*$" | tail -20 || echo "gpu-zoo: stopped by the time limit; the finished parts are saved"
