@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DAVI=target/release/davi
 mkdir -p out
+scripts/setup --runtime-only
+cargo build --release -p davi-runtime
 tasks=()
 for d in models/zoo/*/; do
   [ -f "$d/model.onnx" ] && [ -d "models/samples/$(basename "$d")" ] && tasks+=("$(basename "$d")")

@@ -3,6 +3,7 @@
 //! Folder restoration ([`pipeline`]), measurements from clean images ([`degrade`]), the parity
 //! check against tch ([`verify`]) and quality metrics ([`metrics`]). No libtorch.
 
+pub mod bench;
 pub mod degrade;
 pub mod images;
 pub mod metrics;

@@ -145,6 +145,29 @@ enum Cmd {
         #[command(flatten)]
         ep: EpArgs,
     },
+    /// Throughput and latency of the bare session; end-to-end restore over a folder.
+    Bench {
+        /// The model.
+        #[arg(short, long)]
+        model: PathBuf,
+        /// Batch sizes of the bare session, comma-separated.
+        #[arg(long, default_value = "1,8,32")]
+        batch: String,
+        /// Seconds per batch size.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// A folder of measurements to restore end to end (into a temporary folder).
+        #[arg(short, long)]
+        input: Option<PathBuf>,
+        /// Batch of the end-to-end restore.
+        #[arg(long, default_value_t = 32)]
+        restore_batch: usize,
+        /// Write the figures as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[command(flatten)]
+        ep: EpArgs,
+    },
     /// Show a model's metadata, inputs, outputs and op counts.
     Info {
         /// The model.
@@ -357,6 +380,56 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::from(1)
             })
+        }
+        Cmd::Bench {
+            model,
+            batch,
+            seconds,
+            input,
+            restore_batch,
+            json,
+            ep,
+        } => {
+            let batches: Vec<usize> = batch
+                .split(',')
+                .map(|b| {
+                    b.trim()
+                        .parse::<usize>()
+                        .map_err(|_| anyhow::anyhow!("--batch {batch}: comma-separated sizes"))
+                })
+                .collect::<Result<_>>()?;
+            let max = batches
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(1)
+                .max(restore_batch);
+            let mut m = Model::load(&model, &session_options(&ep, cli.ort_lib, max))?;
+            let mut figures = serde_json::Map::new();
+            println!("| what | batch | images/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|");
+            let mut rows = Vec::new();
+            for b in batches {
+                let f = davi_runtime::bench::session(&mut m, b, seconds)?;
+                println!(
+                    "| bare session | {} | {:.1} | {:.2} | {:.2} |",
+                    f.batch, f.images_per_second, f.p50_ms, f.p99_ms
+                );
+                rows.push(f);
+            }
+            figures.insert("session".into(), serde_json::to_value(&rows)?);
+            if let Some(dir) = input {
+                let r = davi_runtime::bench::restore(&mut m, &dir, restore_batch)?;
+                println!(
+                    "| restore end to end ({} images) | {} | {:.1} | | |",
+                    r.restored, restore_batch, r.images_per_second
+                );
+                figures.insert("restore".into(), serde_json::to_value(&r)?);
+            }
+            if let Some(p) = json {
+                davi_runtime::images::write_atomic(&p, &serde_json::to_vec_pretty(&figures)?)
+                    .map_err(anyhow::Error::msg)?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Info { model } => {
             let proto = davi_export::read_model(&model)?;
