@@ -3,7 +3,7 @@ SHELL := /bin/bash
 # libtorch's OpenMP threads spin while waiting by default; passive waiting keeps parallel jobs fair.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: all setup setup-runtime build build-runtime test parity demo fmt lint clean
+.PHONY: all setup setup-runtime build build-runtime test parity demo bench zoo fmt lint clean
 
 all: build
 
@@ -33,6 +33,14 @@ parity: build
 demo:
 	scripts/demo.sh
 
+
+## Speed and memory figures (BENCHMARKS.md); run on an idle machine.
+bench: build
+	scripts/bench.sh
+
+## Retrain every shipped model from its committed config, then export and evaluate.
+zoo: build
+	scripts/zoo.sh
 
 fmt:
 	cargo fmt --all

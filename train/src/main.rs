@@ -143,6 +143,24 @@ enum Cmd {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Throughput of tch's eager forward of I_phi (the restore graph) at several batch sizes.
+    Bench {
+        /// DAVI checkpoint (its EMA weights).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Model config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Batch sizes, comma-separated.
+        #[arg(long, default_value = "1,8,32")]
+        batch: String,
+        /// Seconds per batch size.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Convert a PyTorch checkpoint (`torch.save` zip) to safetensors without running pickle code.
     Import {
         /// The `.pt` file.
@@ -352,6 +370,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let r = davi_train::eval::eval(&args)?;
             print!("{}", davi_train::eval::markdown(&r));
             eprintln!("wrote {}/eval.json, eval.md, sheet.png", output.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench { checkpoint: ckpt, config, batch, seconds, device } => {
+            let dev = device::pick(&device)?;
+            let cfg = davi_models::DaviConfig::from_file(&config)?;
+            let implicit = davi_models::Implicit::new(&cfg)?;
+            let params = checkpoint::load_params(&ckpt, implicit.unet.param_shapes(), Some("ema."), dev)?;
+            let b = TchBackend::new(params, dev);
+            let [cy, hy, wy] = implicit.operator.measurement_shape(implicit.channels, implicit.size);
+            println!("| what | batch | images/s | p50 ms |\n|---|---:|---:|---:|");
+            for bs in batch.split(',') {
+                let n: i64 = bs.trim().parse().with_context(|| format!("--batch {batch}"))?;
+                let y = tch::Tensor::rand([n, cy as i64, hy as i64, wy as i64], (tch::Kind::Float, dev)) * 2.0 - 1.0;
+                let z = tch::Tensor::zeros([n, implicit.channels as i64, implicit.size as i64, implicit.size as i64], (tch::Kind::Float, dev));
+                let _g = tch::no_grad_guard();
+                let _ = implicit.restore(&b, &y, &z)?;
+                let mut lat = Vec::new();
+                let start = std::time::Instant::now();
+                while start.elapsed().as_secs_f64() < seconds || lat.len() < 5 {
+                    let t = std::time::Instant::now();
+                    let out = implicit.restore(&b, &y, &z)?;
+                    let _ = out.double_value(&[0, 0, 0, 0]); // synchronise
+                    lat.push(t.elapsed().as_secs_f64());
+                }
+                let total: f64 = lat.iter().sum();
+                lat.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+                println!("| tch eager | {n} | {:.1} | {:.2} |", lat.len() as f64 * n as f64 / total, lat[lat.len() / 2] * 1e3);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Import {
