@@ -162,7 +162,7 @@ fn assemble(
     })
 }
 
-fn input_casts(rec: &Recorder<'_>, names: &[&str], fp16: bool) -> (Vec<Var>, Vec<NodeProto>) {
+fn input_casts(names: &[&str], fp16: bool) -> (Vec<Var>, Vec<NodeProto>) {
     if !fp16 {
         return (
             names.iter().map(|n| Var(n.to_string())).collect(),
@@ -183,7 +183,6 @@ fn input_casts(rec: &Recorder<'_>, names: &[&str], fp16: bool) -> (Vec<Var>, Vec
         });
         vars.push(Var(out));
     }
-    let _ = rec;
     (vars, nodes)
 }
 
@@ -196,7 +195,7 @@ pub fn export_implicit(
 ) -> Result<ModelProto, ExportError> {
     weights.check(model.unet.param_shapes(), "checkpoint")?;
     let rec = Recorder::new(weights, opts.fp16);
-    let (vars, casts) = input_casts(&rec, &["measurement", "noise"], opts.fp16);
+    let (vars, casts) = input_casts(&["measurement", "noise"], opts.fp16);
     let out = model.restore(&rec, &vars[0], &vars[1])?;
     let n = opts.static_batch.map(|b| b as i64);
     let (c, s) = (model.channels as i64, model.size as i64);
@@ -231,7 +230,7 @@ pub fn export_unet(
 ) -> Result<ModelProto, ExportError> {
     weights.check(unet.param_shapes(), "checkpoint")?;
     let rec = Recorder::new(weights, opts.fp16);
-    let (vars, casts) = input_casts(&rec, &["x"], opts.fp16);
+    let (vars, casts) = input_casts(&["x"], opts.fp16);
     let out = unet.forward(&rec, &vars[0], timesteps, None)?;
     let c = &unet.config;
     let n = opts.static_batch.map(|b| b as i64);

@@ -372,18 +372,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("wrote {}/eval.json, eval.md, sheet.png", output.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench { checkpoint: ckpt, config, batch, seconds, device } => {
+        Cmd::Bench {
+            checkpoint: ckpt,
+            config,
+            batch,
+            seconds,
+            device,
+        } => {
             let dev = device::pick(&device)?;
             let cfg = davi_models::DaviConfig::from_file(&config)?;
             let implicit = davi_models::Implicit::new(&cfg)?;
-            let params = checkpoint::load_params(&ckpt, implicit.unet.param_shapes(), Some("ema."), dev)?;
+            let params =
+                checkpoint::load_params(&ckpt, implicit.unet.param_shapes(), Some("ema."), dev)?;
             let b = TchBackend::new(params, dev);
-            let [cy, hy, wy] = implicit.operator.measurement_shape(implicit.channels, implicit.size);
+            let [cy, hy, wy] = implicit
+                .operator
+                .measurement_shape(implicit.channels, implicit.size);
             println!("| what | batch | images/s | p50 ms |\n|---|---:|---:|---:|");
             for bs in batch.split(',') {
-                let n: i64 = bs.trim().parse().with_context(|| format!("--batch {batch}"))?;
-                let y = tch::Tensor::rand([n, cy as i64, hy as i64, wy as i64], (tch::Kind::Float, dev)) * 2.0 - 1.0;
-                let z = tch::Tensor::zeros([n, implicit.channels as i64, implicit.size as i64, implicit.size as i64], (tch::Kind::Float, dev));
+                let n: i64 = bs
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("--batch {batch}"))?;
+                let y = tch::Tensor::rand(
+                    [n, cy as i64, hy as i64, wy as i64],
+                    (tch::Kind::Float, dev),
+                ) * 2.0
+                    - 1.0;
+                let z = tch::Tensor::zeros(
+                    [
+                        n,
+                        implicit.channels as i64,
+                        implicit.size as i64,
+                        implicit.size as i64,
+                    ],
+                    (tch::Kind::Float, dev),
+                );
                 let _g = tch::no_grad_guard();
                 let _ = implicit.restore(&b, &y, &z)?;
                 let mut lat = Vec::new();
@@ -396,7 +420,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 let total: f64 = lat.iter().sum();
                 lat.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-                println!("| tch eager | {n} | {:.1} | {:.2} |", lat.len() as f64 * n as f64 / total, lat[lat.len() / 2] * 1e3);
+                println!(
+                    "| tch eager | {n} | {:.1} | {:.2} |",
+                    lat.len() as f64 * n as f64 / total,
+                    lat[lat.len() / 2] * 1e3
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
