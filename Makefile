@@ -3,7 +3,7 @@ SHELL := /bin/bash
 # libtorch's OpenMP threads spin while waiting by default; passive waiting keeps parallel jobs fair.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: all setup setup-runtime build build-runtime test parity demo bench zoo fmt lint clean
+.PHONY: all setup setup-runtime build build-runtime test parity demo bench zoo fmt lint clean test-venv
 
 all: build
 
@@ -19,8 +19,13 @@ build: setup
 build-runtime: setup-runtime
 	cargo build --release -p davi-runtime
 
+## The test-only Python venv: the PyPI `onnx` package, whose checker the export tests run.
+test-venv:
+	@[ -x .deps/test-venv/bin/python ] && .deps/test-venv/bin/python -c "import onnx" 2>/dev/null || \
+	  (python3 -m venv .deps/test-venv && .deps/test-venv/bin/pip install --quiet "onnx==1.19.*" && echo "test-venv: onnx installed")
+
 ## Every test: unit and end-to-end tests (release profile: one build serves both), then the parity job.
-test: build
+test: build test-venv
 	cargo fmt --all -- --check
 	cargo test --release --workspace
 	$(MAKE) --no-print-directory parity

@@ -185,3 +185,48 @@ fn operators_in_onnx_match_direct_computation() {
     }
     assert!((y[[1, 0, 3, 4]] - want).abs() < 1e-5);
 }
+
+/// The PyPI `onnx` checker (full check, with shape inference) over exported files.
+#[test]
+fn exported_models_pass_the_onnx_checker() {
+    let py = std::env::var_os("DAVI_ONNX_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| davi_tests::root().join(".deps/test-venv/bin/python"));
+    assert!(
+        py.is_file(),
+        "{} missing: run `make test-venv` (the PyPI onnx package)",
+        py.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for task in ["deblur", "sr", "inpaint", "colorize", "denoise"] {
+        paths.push(davi_tests::random_model(&tmp.path().join(task), task));
+    }
+    let (unet, w, _) = fixture();
+    let proto = export_unet(
+        &unet,
+        &w,
+        &[999.0, 17.0],
+        &ExportOptions {
+            static_batch: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let p = tmp.path().join("unet.onnx");
+    write_model(proto, &p, false).unwrap();
+    paths.push(p);
+    for p in paths {
+        let out = std::process::Command::new(&py)
+            .args(["-c", "import onnx, sys; m = onnx.load(sys.argv[1]); onnx.checker.check_model(m, full_check=True); print('ok', m.opset_import[0].version)"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("ok"),
+            "{}: {}",
+            p.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
