@@ -194,6 +194,9 @@ pub struct ModelCard {
     pub training_steps: usize,
     /// Training wall time in seconds.
     pub training_seconds: f64,
+    /// Where it trained and evaluated, in words (device, teacher).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
     /// Evaluation, when run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalTable>,

@@ -9,7 +9,7 @@ use crate::davi::measure;
 use crate::dps::{self, Dps};
 use crate::{checkpoint, plot, run::write_atomic};
 use anyhow::{Context, Result};
-use davi_models::card::{EvalRow, EvalTable, ModelCard};
+use davi_models::card::{DataConfig, EvalRow, EvalTable, ModelCard};
 use davi_models::metrics::{mean_ci95, psnr, ssim};
 use davi_models::schedule::Diffusion;
 use davi_models::{DaviConfig, Implicit};
@@ -271,7 +271,7 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
     img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
     write_atomic(&args.out.join("sheet.png"), &buf)?;
     if let Some(card_path) = &args.card {
-        update_card(card_path, &cfg, &report)?;
+        update_card(card_path, &args.checkpoint, &cfg, &report)?;
     }
     Ok(report)
 }
@@ -294,7 +294,7 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
-fn update_card(path: &Path, cfg: &DaviConfig, r: &Report) -> Result<()> {
+fn update_card(path: &Path, checkpoint: &Path, cfg: &DaviConfig, r: &Report) -> Result<()> {
     let row = |m: &MethodScores| EvalRow {
         psnr: m.psnr,
         ssim: m.ssim,
@@ -305,12 +305,29 @@ fn update_card(path: &Path, cfg: &DaviConfig, r: &Report) -> Result<()> {
         serde_yaml::from_str(&std::fs::read_to_string(path)?)
             .with_context(|| format!("{}: bad card", path.display()))?
     } else {
+        // Steps and time from the run folder of the checkpoint, when it is one.
+        let state = checkpoint
+            .parent()
+            .map(|d| d.join("state.json"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|s| serde_json::from_str::<crate::run::RunState>(&s).ok());
+        let data = match &cfg.data {
+            Some(DataConfig::FashionMnist { .. }) => {
+                "Fashion-MNIST (60,000 training images, 28x28 grey padded to 32x32)".into()
+            }
+            Some(DataConfig::Photos { .. }) => {
+                "32x32 crops of the scikit-image sample photos (left 80% of each)".into()
+            }
+            Some(DataConfig::Folder { dir }) => format!("images of {dir}"),
+            None => "unknown".into(),
+        };
         ModelCard {
             name: cfg.name.clone(),
             task: cfg.task()?.clone(),
-            data: format!("{:?}", cfg.data),
-            training_steps: 0,
-            training_seconds: 0.0,
+            data,
+            training_steps: state.as_ref().map_or(0, |s| s.step),
+            training_seconds: state.as_ref().map_or(0.0, |s| s.seconds),
+            notes: None,
             eval: None,
         }
     };
