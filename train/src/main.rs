@@ -161,6 +161,19 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Parameters of a UNet config (guided-diffusion keys, or a model config), and the time of
+    /// one forward pass at batch 1 on this machine (random weights).
+    Describe {
+        /// UNet config (JSON/YAML with the reference's keys) or a model config with `unet:`.
+        #[arg(long)]
+        config: PathBuf,
+        /// Also time a forward pass (median of 3 after a warm-up).
+        #[arg(long)]
+        time: bool,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Convert a PyTorch checkpoint (`torch.save` zip) to safetensors without running pickle code.
     Import {
         /// The `.pt` file.
@@ -424,6 +437,49 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "| tch eager | {n} | {:.1} | {:.2} |",
                     lat.len() as f64 * n as f64 / total,
                     lat[lat.len() / 2] * 1e3
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Describe {
+            config,
+            time,
+            device,
+        } => {
+            let ucfg = match davi_models::DaviConfig::from_file(&config) {
+                Ok(c) => c.unet,
+                Err(_) => UNetConfig::from_file(&config)?,
+            };
+            let unet = UNetModel::new(&ucfg)?;
+            println!(
+                "{}: {} parameters ({:.2} M)",
+                config.display(),
+                unet.num_params(),
+                unet.num_params() as f64 / 1e6
+            );
+            if time {
+                let dev = device::pick(&device)?;
+                let params = davi_train::params::ParamSet::init(&unet, 0, dev);
+                let b = TchBackend::new(params.frozen(), dev);
+                let s = ucfg.image_size as i64;
+                let x =
+                    tch::Tensor::randn([1, ucfg.in_channels as i64, s, s], (tch::Kind::Float, dev));
+                let _g = tch::no_grad_guard();
+                let mut lat = Vec::new();
+                for i in 0..4 {
+                    let t = std::time::Instant::now();
+                    let out = unet.forward(&b, &x, &[500.0], None)?;
+                    let _ = out.double_value(&[0, 0, 0, 0]);
+                    if i > 0 {
+                        lat.push(t.elapsed().as_secs_f64());
+                    }
+                }
+                lat.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+                println!(
+                    "forward, batch 1, {:?}, {} threads: {:.3} s (median of 3)",
+                    dev,
+                    tch::get_num_threads(),
+                    lat[1]
                 );
             }
             Ok(ExitCode::SUCCESS)
