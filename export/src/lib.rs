@@ -79,17 +79,32 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> ExportError {
 
 /// Wraps recorded nodes into a model: casts at the edges for fp16, initializers for the used
 /// weights, the output renamed to `output_name`.
+/// The edges of a recorded graph.
+struct Edges<'a> {
+    /// Graph inputs with their dims (`None`: the dynamic batch).
+    inputs: Vec<(String, Vec<Option<i64>>)>,
+    /// Cast nodes from the f32 inputs (fp16 graphs).
+    cast_inputs: Vec<NodeProto>,
+    /// Name of the graph output.
+    output_name: &'a str,
+    /// Its dims.
+    output_dims: Vec<Option<i64>>,
+}
+
 fn assemble(
     rec: Recorder<'_>,
     weights: &Weights,
-    inputs: Vec<(String, Vec<Option<i64>>)>,
     out: Var,
-    output_name: &str,
-    output_dims: Vec<Option<i64>>,
+    edges: Edges<'_>,
     opts: &ExportOptions,
-    cast_inputs: Vec<NodeProto>,
     metadata: &[(String, String)],
 ) -> Result<ModelProto, ExportError> {
+    let Edges {
+        inputs,
+        cast_inputs,
+        output_name,
+        output_dims,
+    } = edges;
     if opts.opset < 17 {
         return Err(ExportError::Options(format!(
             "opset {} is too old; 17 or later is needed",
@@ -210,12 +225,14 @@ pub fn export_implicit(
     assemble(
         rec,
         weights,
-        inputs,
         out,
-        "image",
-        vec![n, Some(c), Some(s), Some(s)],
+        Edges {
+            inputs,
+            cast_inputs: casts,
+            output_name: "image",
+            output_dims: vec![n, Some(c), Some(s), Some(s)],
+        },
         opts,
-        casts,
         metadata,
     )
 }
@@ -243,12 +260,14 @@ pub fn export_unet(
     assemble(
         rec,
         weights,
-        inputs,
         out,
-        "output",
-        out_dims,
+        Edges {
+            inputs,
+            cast_inputs: casts,
+            output_name: "output",
+            output_dims: out_dims,
+        },
         opts,
-        casts,
         &[],
     )
 }
@@ -365,12 +384,14 @@ pub fn export_operator(
     assemble(
         rec,
         &weights,
-        inputs,
         out,
-        "measurement",
-        out_dims,
+        Edges {
+            inputs,
+            cast_inputs: Vec::new(),
+            output_name: "measurement",
+            output_dims: out_dims,
+        },
         &ExportOptions::default(),
-        Vec::new(),
         &[],
     )
 }

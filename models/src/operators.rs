@@ -92,7 +92,7 @@ impl Operator {
                 }
             }
             Operator::SuperRes { scale } => {
-                if scale == 0 || s % scale != 0 {
+                if scale == 0 || !s.is_multiple_of(scale) {
                     return bad(format!("sr scale {scale} does not divide image size {s}"));
                 }
             }

@@ -97,7 +97,7 @@ impl UNetConfig {
             return bad("channel_mult is empty".into());
         }
         let down = 1usize << (self.channel_mult.len() - 1);
-        if self.image_size % down != 0 {
+        if !self.image_size.is_multiple_of(down) {
             return bad(format!(
                 "image_size {} is not divisible by 2^(levels-1) = {down}",
                 self.image_size
@@ -111,7 +111,7 @@ impl UNetConfig {
             }
         }
         for &r in &self.attention_resolutions {
-            if r == 0 || self.image_size % r != 0 {
+            if r == 0 || !self.image_size.is_multiple_of(r) {
                 return bad(format!(
                     "attention resolution {r} does not divide image_size"
                 ));
@@ -270,14 +270,14 @@ impl UNetModel {
                 num_heads as usize
             } else {
                 let hc = c.num_head_channels as usize;
-                if hc == 0 || ch % hc != 0 {
+                if hc == 0 || !ch.is_multiple_of(hc) {
                     return Err(Error::Config(format!(
                         "{ch} channels are not divisible by num_head_channels {hc}"
                     )));
                 }
                 ch / hc
             };
-            if heads == 0 || ch % heads != 0 {
+            if heads == 0 || !ch.is_multiple_of(heads) {
                 return Err(Error::Config(format!(
                     "{ch} channels not divisible into {heads} heads"
                 )));

@@ -92,7 +92,7 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
             );
             continue;
         }
-        if !sessions.contains_key(&(c, h)) {
+        if let std::collections::hash_map::Entry::Vacant(e) = sessions.entry((c, h)) {
             let op = match (&opts.operator, &opts.task) {
                 (Some(op), _) => op.clone(),
                 (None, Some(t)) => {
@@ -112,7 +112,7 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
             };
             let bytes = davi_export::to_bytes(&proto);
             let s = session(ModelSource::Bytes(&bytes, "operator"), sess)?;
-            sessions.insert((c, h), (s, op));
+            e.insert((s, op));
         }
         let (s, op) = sessions.get_mut(&(c, h)).expect("inserted");
         let sigma_y = opts.sigma_y.unwrap_or_else(|| op.default_sigma_y()) as f32;

@@ -378,7 +378,7 @@ fn write_outputs(
             &output_path(out, rel, format, &format!(".sample{i}")),
             &bytes,
         )?;
-        mean = mean + smp;
+        mean += smp;
     }
     mean /= k;
     let mut var = Array3::<f32>::zeros(mean.dim());

@@ -19,11 +19,10 @@ fn arr(shape: &[usize], seed: i64) -> ArrayD<f32> {
 
 /// Records `f` over inputs `xs` (graph inputs `x0`, `x1`, ...) and params `ps`, runs it in ONNX
 /// Runtime and on tch, and compares.
-fn check(
-    xs: &[ArrayD<f32>],
-    ps: &[(&str, ArrayD<f32>)],
-    f: &dyn Fn(&dyn Fn(usize) -> Op, &Ctx) -> Op,
-) {
+/// The op under test, written once over both backends: input `i` -> output.
+type OpFn<'a> = &'a dyn Fn(&dyn Fn(usize) -> Op, &Ctx) -> Op;
+
+fn check(xs: &[ArrayD<f32>], ps: &[(&str, ArrayD<f32>)], f: OpFn<'_>) {
     let mut weights = Weights::default();
     for (n, a) in ps {
         weights.tensors.insert(n.to_string(), a.clone());
