@@ -27,6 +27,7 @@ test-venv:
 ## Every test: unit and end-to-end tests (release profile: one build serves both), then the parity job.
 test: build test-venv
 	cargo fmt --all -- --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
 	cargo test --release --workspace
 	$(MAKE) --no-print-directory parity
 
