@@ -86,6 +86,9 @@ pub struct DaviTrain {
     pub seed: u64,
     /// Skip unreadable training files.
     pub skip_bad_files: bool,
+    /// Train on the Perturbed Posterior Bridge (`a ~ Beta(3, 1)`); `false` is the ablation of the
+    /// paper: `a` fixed at T-1 (set `task.h: 0` too for no perturbation).
+    pub bridge: bool,
 }
 
 impl Default for DaviTrain {
@@ -105,6 +108,7 @@ impl Default for DaviTrain {
             keep: 3,
             seed: 0,
             skip_bad_files: true,
+            bridge: true,
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct EvalArgs {
     pub device: Device,
     /// Batch size.
     pub batch: usize,
+    /// Posterior samples per measurement for the spread (0: skip), on the first 64 images.
+    pub samples: usize,
 }
 
 /// One method's scores.
@@ -64,6 +66,21 @@ pub struct MethodScores {
     pub seconds_per_image: f64,
 }
 
+/// K posterior samples of the same measurements: how much they differ, and how well each fits y.
+#[derive(Debug, Clone, Serialize)]
+pub struct SampleSpread {
+    /// Samples per measurement.
+    pub k: usize,
+    /// Measurements.
+    pub n: usize,
+    /// Mean over pixels of the per-pixel standard deviation across samples, on [0, 1].
+    pub spread: f64,
+    /// Mean of `mean((y - H x_k)^2)` over the samples (on [-1, 1]).
+    pub consistency_samples: f64,
+    /// The same for the true images: the noise floor, about `sigma_y^2`.
+    pub consistency_truth: f64,
+}
+
 /// The evaluation report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -77,6 +94,8 @@ pub struct Report {
     pub lifted: MethodScores,
     /// DPS (on the first `dps.n` images, `dps.nfe` steps).
     pub dps: MethodScores,
+    /// Posterior samples of DAVI.
+    pub samples: Option<SampleSpread>,
     /// Device.
     pub device: String,
 }
@@ -232,12 +251,30 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
             None,
         )
     };
+    let samples = if args.samples > 1 {
+        let m = n.min(64) as i64;
+        let (yk, xk) = (y.narrow(0, 0, m), x.narrow(0, 0, m));
+        tch::no_grad(|| -> Result<SampleSpread> {
+            let outs: Vec<Tensor> = (0..args.samples)
+                .map(|_| implicit.restore(&bphi, &yk, &Tensor::randn_like(&xk)))
+                .collect::<Result<_, _>>()?;
+            let st = Tensor::stack(&outs, 0); // [K, m, C, S, S]
+            let spread = (st.std_dim([0i64].as_slice(), true, false) / 2.0).mean(Kind::Float).double_value(&[]);
+            let dc = |img: &Tensor| (implicit.operator.forward(&bphi, img, c, s) - &yk).square().mean(Kind::Float).double_value(&[]);
+            let consistency_samples = outs.iter().map(dc).sum::<f64>() / outs.len() as f64;
+            Ok(SampleSpread { k: args.samples, n: m as usize, spread, consistency_samples, consistency_truth: dc(&xk) })
+        })
+        .map(Some)?
+    } else {
+        None
+    };
     let report = Report {
         model: cfg.name.clone(),
         task: task.operator.task().into(),
         davi,
         lifted,
         dps: dps_scores,
+        samples,
         device: format!("{:?}", args.device),
     };
     std::fs::create_dir_all(&args.out)
@@ -291,6 +328,13 @@ pub fn markdown(r: &Report) -> String {
     s += &row("lifted measurement", &r.lifted);
     s += &row("DAVI", &r.davi);
     s += &row(&format!("DPS ({} steps)", r.dps.nfe), &r.dps);
+    if let Some(k) = &r.samples {
+        s += &format!(
+            "\n{} DAVI samples of each of {} measurements: per-pixel spread {:.4} (std on [0, 1]); \
+             data consistency mean((y - H x)^2) {:.5} for the samples, {:.5} for the truth\n",
+            k.k, k.n, k.spread, k.consistency_samples, k.consistency_truth
+        );
+    }
     s
 }
 

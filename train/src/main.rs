@@ -136,6 +136,9 @@ enum Cmd {
         /// DPS's prior (default: the config's train.davi.teacher).
         #[arg(long)]
         teacher: Option<PathBuf>,
+        /// DAVI posterior samples per measurement for the spread report (0: skip).
+        #[arg(long, default_value_t = 8)]
+        samples: usize,
         /// Batch size.
         #[arg(long, default_value_t = 64)]
         batch: usize,
@@ -363,6 +366,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
             card,
             teacher,
+            samples,
             batch,
             device,
         } => {
@@ -379,6 +383,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 teacher,
                 device: dev,
                 batch,
+                samples,
             };
             let r = davi_train::eval::eval(&args)?;
             print!("{}", davi_train::eval::markdown(&r));
