@@ -95,10 +95,17 @@ fn list_inputs(opts: &RestoreOptions, report: &mut Report) -> Result<Vec<Job>, R
     let root = input
         .canonicalize()
         .map_err(|e| RuntimeError::io(input, e))?;
+    // An output folder inside the input folder is not walked: its files are ours, not inputs.
+    let out_root = opts.output.canonicalize().ok();
     let mut jobs = Vec::new();
     let walker = walkdir::WalkDir::new(input)
         .follow_links(opts.follow_symlinks)
-        .sort_by_file_name();
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| match (&out_root, e.path().canonicalize()) {
+            (Some(o), Ok(p)) => !(e.file_type().is_dir() && p == *o),
+            _ => true,
+        });
     for entry in walker {
         let entry = match entry {
             Ok(e) => e,
@@ -205,6 +212,7 @@ pub fn restore(model: &mut Model, opts: &RestoreOptions) -> Result<Report, Runti
         ));
     }
     let mut report = Report::default();
+    std::fs::create_dir_all(&opts.output).map_err(|e| RuntimeError::io(&opts.output, e))?;
     let mut jobs = list_inputs(opts, &mut report)?;
     if let Some((i, n)) = opts.shard {
         jobs = jobs

@@ -431,3 +431,26 @@ fn degrade_then_eval() {
     // sigma 0.2 on [-1, 1] is 0.1 on [0, 1]: PSNR about 20 dB (a little more where clipping bites).
     assert!((19.0..23.0).contains(&psnr), "{psnr}");
 }
+
+#[test]
+fn output_folder_inside_the_input_is_not_read_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("data");
+    write_images(&inp, 3, 32);
+    let out = inp.join("restored");
+    for _ in 0..2 {
+        let (code, _, err) = davi(&[
+            "restore",
+            "-m",
+            model.to_str().unwrap(),
+            "-i",
+            inp.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("restored 3 of 3"), "{err}");
+    }
+    assert_eq!(tree(&out).len(), 3);
+}
