@@ -138,7 +138,13 @@ impl Trainer {
         let t_bridge = self.implicit.bridge.steps();
         let draw_a = |rng: &mut rand_chacha::ChaCha8Rng| -> Vec<usize> {
             (0..n)
-                .map(|_| if hp.bridge { beta31_step(rng.random::<f64>(), t_bridge) } else { t_bridge - 1 })
+                .map(|_| {
+                    if hp.bridge {
+                        beta31_step(rng.random::<f64>(), t_bridge)
+                    } else {
+                        t_bridge - 1
+                    }
+                })
                 .collect()
         };
         let draw_t = |rng: &mut rand_chacha::ChaCha8Rng| -> Vec<usize> {

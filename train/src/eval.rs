@@ -259,10 +259,23 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
                 .map(|_| implicit.restore(&bphi, &yk, &Tensor::randn_like(&xk)))
                 .collect::<Result<_, _>>()?;
             let st = Tensor::stack(&outs, 0); // [K, m, C, S, S]
-            let spread = (st.std_dim([0i64].as_slice(), true, false) / 2.0).mean(Kind::Float).double_value(&[]);
-            let dc = |img: &Tensor| (implicit.operator.forward(&bphi, img, c, s) - &yk).square().mean(Kind::Float).double_value(&[]);
+            let spread = (st.std_dim([0i64].as_slice(), true, false) / 2.0)
+                .mean(Kind::Float)
+                .double_value(&[]);
+            let dc = |img: &Tensor| {
+                (implicit.operator.forward(&bphi, img, c, s) - &yk)
+                    .square()
+                    .mean(Kind::Float)
+                    .double_value(&[])
+            };
             let consistency_samples = outs.iter().map(dc).sum::<f64>() / outs.len() as f64;
-            Ok(SampleSpread { k: args.samples, n: m as usize, spread, consistency_samples, consistency_truth: dc(&xk) })
+            Ok(SampleSpread {
+                k: args.samples,
+                n: m as usize,
+                spread,
+                consistency_samples,
+                consistency_truth: dc(&xk),
+            })
         })
         .map(Some)?
     } else {
