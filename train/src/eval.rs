@@ -340,7 +340,9 @@ pub fn markdown(r: &Report) -> String {
     );
     s += &row("lifted measurement", &r.lifted);
     s += &row("DAVI", &r.davi);
-    s += &row(&format!("DPS ({} steps)", r.dps.nfe), &r.dps);
+    if r.dps.n > 0 {
+        s += &row(&format!("DPS ({} steps)", r.dps.nfe), &r.dps);
+    }
     if let Some(k) = &r.samples {
         s += &format!(
             "\n{} DAVI samples of each of {} measurements: per-pixel spread {:.4} (std on [0, 1]); \
