@@ -200,7 +200,8 @@ pub fn noise(seed: u64, stream: &str, rel: &Path, sample: usize, n: usize) -> Ve
         .collect()
 }
 
-type Decoded = Vec<(Job, Result<Array3<f32>, String>)>;
+/// A decoded measurement with its K noise draws (made on the decode workers, not the session's thread).
+type Decoded = Vec<(Job, Result<(Array3<f32>, Vec<Vec<f32>>), String>)>;
 type Restored = Vec<(Job, Vec<Array3<f32>>)>;
 
 /// Restores every input of `opts` with `model`.
@@ -257,7 +258,15 @@ pub fn restore(model: &mut Model, opts: &RestoreOptions) -> Result<Report, Runti
             for chunk in jobs_ref.chunks(batch) {
                 let decoded: Decoded = chunk
                     .par_iter()
-                    .map(|j| (j.clone(), images::load(&j.path, cy, Some((hy, wy)))))
+                    .map(|j| {
+                        let loaded = images::load(&j.path, cy, Some((hy, wy))).map(|m| {
+                            let z = (0..k)
+                                .map(|s| noise(opts.seed, "bridge", &j.rel, s, c * sz * sz))
+                                .collect();
+                            (m, z)
+                        });
+                        (j.clone(), loaded)
+                    })
                     .collect();
                 if dec_tx.send(decoded).is_err() {
                     break;
@@ -304,12 +313,13 @@ pub fn restore(model: &mut Model, opts: &RestoreOptions) -> Result<Report, Runti
             let n = ok.len() * k;
             let mut meas = Array4::<f32>::zeros((n, cy, hy, wy));
             let mut z = Array4::<f32>::zeros((n, c, sz, sz));
-            for (i, (job, m)) in ok.iter().enumerate() {
-                for s in 0..k {
+            for (i, (_, (m, zs))) in ok.iter().enumerate() {
+                for (s, v) in zs.iter().enumerate() {
                     meas.index_axis_mut(Axis(0), i * k + s).assign(m);
-                    let v = noise(opts.seed, "bridge", &job.rel, s, c * sz * sz);
                     z.index_axis_mut(Axis(0), i * k + s)
-                        .assign(&Array3::from_shape_vec((c, sz, sz), v).expect("noise shape"));
+                        .as_slice_mut()
+                        .expect("standard layout")
+                        .copy_from_slice(v);
                 }
             }
             let t = Instant::now();
