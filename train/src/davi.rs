@@ -8,7 +8,7 @@ use crate::config::{train_config, DaviTrain};
 use crate::data::{Dataset, Split};
 use crate::params::{AdamW, Ema, ParamSet};
 use crate::prior::{step_rng, strip};
-use crate::run::{check_resume, Run};
+use crate::run::Run;
 use crate::{checkpoint, diffusion};
 use anyhow::{bail, Context, Result};
 use davi_models::schedule::{beta31_step, Diffusion};
@@ -317,14 +317,10 @@ pub fn train(args: &DaviArgs) -> Result<PathBuf> {
     let mut tr = Trainer::new(&cfg, hp.clone(), teacher, args.device)?;
     let mut start = 0;
     let mut seconds0 = 0.0;
-    if let Some(st) = run.state()? {
-        check_resume(&st, &hash, &dir)?;
-        let all = checkpoint::load_tensors(&dir.join(&st.checkpoint), args.device)?;
+    if let Some((st, all)) = run.resume(&hash, args.device)? {
         tr.load(&all, st.step)?;
         start = st.step;
         seconds0 = st.seconds;
-        run.truncate_metrics(start)?;
-        tracing::info!("resuming {} at step {start}", dir.display());
     }
     tracing::info!(
         "davi {} ({}): {} steps of {} on {}",

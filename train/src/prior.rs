@@ -4,7 +4,7 @@ use crate::backend::{array_from_tensor, TchBackend};
 use crate::config::{train_config, PriorTrain};
 use crate::data::{Dataset, Split};
 use crate::params::{AdamW, Ema, ParamSet};
-use crate::run::{check_resume, write_atomic, Run};
+use crate::run::{write_atomic, Run};
 use crate::{checkpoint, diffusion, plot};
 use anyhow::{bail, Context, Result};
 use davi_models::schedule::Diffusion;
@@ -63,16 +63,12 @@ pub fn train(args: &PriorArgs) -> Result<PathBuf> {
     let mut ema = Ema::new(&params, tc.ema);
     let mut start = 0;
     let mut seconds0 = 0.0;
-    if let Some(st) = run.state()? {
-        check_resume(&st, &hash, &dir)?;
-        let all = checkpoint::load_tensors(&dir.join(&st.checkpoint), args.device)?;
+    if let Some((st, all)) = run.resume(&hash, args.device)? {
         params.load_from(&strip(&all, "model."))?;
         ema.tensors = strip(&all, "ema.").into_iter().collect();
         opt.load_from(&all, "opt.", st.step as i64)?;
         start = st.step;
         seconds0 = st.seconds;
-        run.truncate_metrics(start)?;
-        tracing::info!("resuming {} at step {start}", dir.display());
     }
     tracing::info!(
         "prior {}: {} parameters, {} on {}, {} steps of {}",

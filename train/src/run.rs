@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,6 +89,24 @@ impl Run {
         Ok(Some(
             serde_json::from_str(&s).with_context(|| format!("{}: corrupt", p.display()))?,
         ))
+    }
+
+    /// The checkpoint to resume from, when the folder holds a run: checks that it trains the
+    /// config hashing to `hash`, loads its tensors onto `device` and drops the metric rows written
+    /// after it (by a killed run).
+    pub fn resume(
+        &self,
+        hash: &str,
+        device: tch::Device,
+    ) -> Result<Option<(RunState, HashMap<String, tch::Tensor>)>> {
+        let Some(st) = self.state()? else {
+            return Ok(None);
+        };
+        check_resume(&st, hash, &self.dir)?;
+        let all = crate::checkpoint::load_tensors(&self.dir.join(&st.checkpoint), device)?;
+        self.truncate_metrics(st.step)?;
+        tracing::info!("resuming {} at step {}", self.dir.display(), st.step);
+        Ok(Some((st, all)))
     }
 
     /// Appends metric rows; rows past `step` from an interrupted run are dropped first on resume.
@@ -188,19 +207,7 @@ pub fn check_resume(state: &RunState, hash: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes a file atomically (temporary file, sync, rename).
+/// Writes a file atomically (temporary file, sync, rename): the runtime's writer.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    {
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("{}: cannot create", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    Ok(())
+    davi_runtime::images::write_atomic(path, bytes).map_err(anyhow::Error::msg)
 }
