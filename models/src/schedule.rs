@@ -84,6 +84,48 @@ impl Diffusion {
         self.betas.len()
     }
 
+    /// `ab_{t-1}` (1 at `t = 0`).
+    pub fn alpha_bar_prev(&self, t: usize) -> f64 {
+        if t == 0 {
+            1.0
+        } else {
+            self.alphas_cumprod[t - 1]
+        }
+    }
+
+    /// Coefficients `(c0, ct)` of the posterior mean of `q(x_{t-1} | x_t, x0)`:
+    /// `mu = c0 x0 + ct x_t`.
+    pub fn posterior_mean_coefs(&self, t: usize) -> (f64, f64) {
+        let (ab, ab_prev, beta) = (
+            self.alphas_cumprod[t],
+            self.alpha_bar_prev(t),
+            self.betas[t],
+        );
+        (
+            ab_prev.sqrt() * beta / (1.0 - ab),
+            (1.0 - beta).sqrt() * (1.0 - ab_prev) / (1.0 - ab),
+        )
+    }
+
+    /// Variance `beta_t (1 - ab_{t-1}) / (1 - ab_t)` of `q(x_{t-1} | x_t, x0)` (0 at `t = 0`).
+    pub fn posterior_variance(&self, t: usize) -> f64 {
+        self.betas[t] * (1.0 - self.alpha_bar_prev(t)) / (1.0 - self.alphas_cumprod[t])
+    }
+
+    /// Log of the posterior variance with `t = 0` clipped to `t = 1`'s (it is 0 there): the
+    /// lower end of the learned-variance interpolation, as in improved-diffusion.
+    pub fn posterior_log_variance_clipped(&self, t: usize) -> f64 {
+        let t = if t == 0 && self.steps() > 1 { 1 } else { t };
+        self.posterior_variance(t).max(1e-20).ln()
+    }
+
+    /// Log variance of the reverse step at `t` for a learned-sigma output `v` in [-1, 1]:
+    /// `frac log(beta_t) + (1 - frac) log(var~_t)` with `frac = (v + 1) / 2`.
+    pub fn learned_log_variance(&self, t: usize, v: f64) -> f64 {
+        let frac = (v + 1.0) / 2.0;
+        frac * self.betas[t].ln() + (1.0 - frac) * self.posterior_log_variance_clipped(t)
+    }
+
     /// Weight of the IKL gradient at `t`: `sqrt(ab_t / (1 - ab_t))`.
     pub fn ikl_weight(&self, t: usize) -> f64 {
         let ab = self.alphas_cumprod[t];

@@ -51,12 +51,15 @@ pub fn train(args: &PriorArgs) -> Result<PathBuf> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
     let hash = cfg.hash();
-    let run = Run::open(
-        &dir,
-        &serde_yaml::to_string(&cfg)?,
-        &["loss", "grad_norm", "steps_per_s"],
-        tc.keep,
-    )?;
+    // Learned sigma (out_channels = 2 C): the hybrid loss L_simple + L_vb of improved-diffusion,
+    // with L_vb rescaled by T / 1000 (lambda = 0.001 of a sum over T terms).
+    let learn_sigma = cfg.unet.out_channels == 2 * c;
+    let columns: &[&str] = if learn_sigma {
+        &["loss", "grad_norm", "steps_per_s", "mse", "vb"]
+    } else {
+        &["loss", "grad_norm", "steps_per_s"]
+    };
+    let run = Run::open(&dir, &serde_yaml::to_string(&cfg)?, columns, tc.keep)?;
 
     let mut params = ParamSet::init(&unet, tc.seed as i64, args.device);
     let mut opt = AdamW::new(&params, tc.lr, tc.weight_decay);
@@ -71,13 +74,18 @@ pub fn train(args: &PriorArgs) -> Result<PathBuf> {
         seconds0 = st.seconds;
     }
     tracing::info!(
-        "prior {}: {} parameters, {} on {}, {} steps of {}",
+        "prior {}: {} parameters, {} on {}, {} steps of {}, {} loss",
         cfg.name,
         unet.num_params(),
         data.name,
         format!("{:?}", args.device),
         tc.steps,
-        tc.batch_size
+        tc.batch_size,
+        if learn_sigma {
+            "hybrid (learned sigma)"
+        } else {
+            "eps MSE"
+        }
     );
     let bar = progress(tc.steps, start);
     let t0 = Instant::now();
@@ -110,8 +118,18 @@ pub fn train(args: &PriorArgs) -> Result<PathBuf> {
             let x_t = diffusion::q_sample(&diff, &x0, &ts, &noise);
             let mut b = TchBackend::new(params.handles(), args.device);
             b.train = true;
-            let pred = diffusion::eps(&unet, &b, &x_t, &ts)?;
-            let loss = (pred - &noise).square().mean(Kind::Float);
+            let (pred, v) = diffusion::eps_and_v(&unet, &b, &x_t, &ts)?;
+            let mse = (&pred - &noise).square().mean(Kind::Float);
+            let (loss, extra) = match v {
+                Some(v) => {
+                    let vb = diffusion::vb_term(&diff, &x0, &x_t, &ts, &pred.detach(), &v)
+                        .mean(Kind::Float)
+                        * (diff.steps() as f64 / 1000.0);
+                    let extra = vec![mse.double_value(&[]), vb.double_value(&[])];
+                    (mse + vb, extra)
+                }
+                None => (mse, vec![]),
+            };
             let lv = loss.double_value(&[]);
             if !lv.is_finite() {
                 bail!("loss is {lv} at step {step}; stopping. The last good checkpoint in {} is kept.", dir.display());
@@ -126,7 +144,9 @@ pub fn train(args: &PriorArgs) -> Result<PathBuf> {
             let sps = (step - start) as f64 / t0.elapsed().as_secs_f64();
             bar.set_message(format!("loss {lv:.4} {sps:.2} steps/s"));
             if step % 10 == 0 || step == tc.steps {
-                run.log(step, &[lv, gn, sps])?;
+                let mut row = vec![lv, gn, sps];
+                row.extend(&extra);
+                run.log(step, &row)?;
             }
             let stop = run.stop_requested();
             if step % tc.checkpoint_every == 0 || step == tc.steps || stop {
