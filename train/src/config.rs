@@ -89,6 +89,8 @@ pub struct DaviTrain {
     /// Train on the Perturbed Posterior Bridge (`a ~ Beta(3, 1)`); `false` is the ablation of the
     /// paper: `a` fixed at T-1 (set `task.h: 0` too for no perturbation).
     pub bridge: bool,
+    /// The PatchGAN hinge term with VQGAN's adaptive weight (absent: off, the default).
+    pub gan: Option<crate::gan::GanConfig>,
 }
 
 impl Default for DaviTrain {
@@ -109,6 +111,7 @@ impl Default for DaviTrain {
             seed: 0,
             skip_bad_files: true,
             bridge: true,
+            gan: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 use crate::backend::TchBackend;
 use crate::config::{train_config, DaviTrain};
 use crate::data::{Dataset, Split};
+use crate::gan::{adaptive_weight, PatchGan};
 use crate::params::{AdamW, Ema, ParamSet};
 use crate::prior::{step_rng, strip};
 use crate::run::Run;
@@ -45,6 +46,12 @@ pub struct Terms {
     pub total: f64,
     /// DSM loss of `s_psi`.
     pub dsm: f64,
+    /// Generator hinge term `-mean D(x_hat)` (0 without the GAN term).
+    pub gan_g: f64,
+    /// Discriminator hinge loss (0 without the GAN term).
+    pub gan_d: f64,
+    /// Adaptive weight put on the generator term (0 before `gan.start` or without it).
+    pub gan_w: f64,
 }
 
 /// The networks and state of a DAVI run.
@@ -65,6 +72,8 @@ pub struct Trainer {
     pub opt_phi: AdamW,
     /// EMA of `phi` (what is exported).
     pub ema: Ema,
+    /// The PatchGAN discriminator, when the config asks for the adversarial term.
+    pub gan: Option<PatchGan>,
     /// Hyperparameters.
     pub hp: DaviTrain,
     /// Measurement noise.
@@ -101,6 +110,16 @@ impl Trainer {
         let opt_psi = AdamW::new(&aux_score, hp.lr, hp.weight_decay);
         let opt_phi = AdamW::new(&phi, hp.lr, hp.weight_decay);
         let ema = Ema::new(&phi, hp.ema);
+        let gan = match &hp.gan {
+            Some(g) => Some(PatchGan::new(
+                cfg.unet.in_channels,
+                g.clone(),
+                hp.lr,
+                hp.seed as i64 + 1,
+                device,
+            )?),
+            None => None,
+        };
         let teacher = teacher.into_iter().map(|(k, v)| (k, v.detach())).collect();
         if hp.t_ikl == 0 || hp.t_ikl > diffusion.steps() {
             bail!("t_ikl {} must be in 1..={}", hp.t_ikl, diffusion.steps());
@@ -114,6 +133,7 @@ impl Trainer {
             opt_psi,
             opt_phi,
             ema,
+            gan,
             hp,
             sigma_y: cfg.task()?.sigma_y,
             device,
@@ -225,7 +245,17 @@ impl Trainer {
             }
             _ => (x0 - &x_hat).square().mean(Kind::Float),
         };
-        let total = &ikl + &con * hp.weight_con + &reg * hp.reg_coeff;
+        let mut total = &ikl + &con * hp.weight_con + &reg * hp.reg_coeff;
+        let (mut gan_g, mut gan_w) = (0.0, 0.0);
+        let gan_on = self.gan.as_ref().is_some_and(|g| step >= g.cfg.start);
+        if let (Some(gan), true) = (&self.gan, gan_on) {
+            // The generator's hinge term, weighted by the ratio of gradient norms at the last layer.
+            let gen = -gan.logits(&x_hat).mean(Kind::Float);
+            let last = &self.phi.tensors["out.2.weight"];
+            gan_w = adaptive_weight(&total, &gen, last) * gan.cfg.weight;
+            gan_g = gen.double_value(&[]);
+            total = &total + gen * gan_w;
+        }
         let total_v = total.double_value(&[]);
         if !total_v.is_finite() {
             bail!("I_phi loss is {total_v} at step {step}");
@@ -235,12 +265,19 @@ impl Trainer {
         self.phi.clip_grad_norm(hp.grad_clip);
         self.opt_phi.step(&mut self.phi);
         self.ema.update(&self.phi, step + 1);
+        let gan_d = match (&mut self.gan, gan_on) {
+            (Some(gan), true) => gan.step(x0, &x_hat),
+            _ => 0.0,
+        };
         Ok(Terms {
             ikl: ikl.double_value(&[]),
             con: con.double_value(&[]),
             reg: reg.double_value(&[]),
             total: total_v,
             dsm: dsm_v,
+            gan_g,
+            gan_d,
+            gan_w,
         })
     }
 
@@ -256,6 +293,10 @@ impl Trainer {
         all.extend(self.aux_score.named("aux_score."));
         all.extend(self.opt_phi.named("opt_phi."));
         all.extend(self.opt_psi.named("opt_psi."));
+        if let Some(g) = &self.gan {
+            all.extend(g.params.named("disc."));
+            all.extend(g.opt.named("opt_disc."));
+        }
         all
     }
 
@@ -270,6 +311,12 @@ impl Trainer {
         self.ema.tensors = strip(all, "ema.").into_iter().collect();
         self.opt_phi.load_from(all, "opt_phi.", step as i64)?;
         self.opt_psi.load_from(all, "opt_psi.", step as i64)?;
+        if let Some(g) = &mut self.gan {
+            g.params.load_from(&strip(all, "disc."))?;
+            let start = g.cfg.start;
+            g.opt
+                .load_from(all, "opt_disc.", step.saturating_sub(start) as i64)?;
+        }
         Ok(())
     }
 }
@@ -308,12 +355,11 @@ pub fn train(args: &DaviArgs) -> Result<PathBuf> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
     let hash = cfg.hash();
-    let run = Run::open(
-        &dir,
-        &serde_yaml::to_string(&cfg)?,
-        &["total", "ikl", "con", "reg", "dsm", "steps_per_s"],
-        hp.keep,
-    )?;
+    let mut columns = vec!["total", "ikl", "con", "reg", "dsm", "steps_per_s"];
+    if hp.gan.is_some() {
+        columns.extend(["gan_g", "gan_d", "gan_w"]);
+    }
+    let run = Run::open(&dir, &serde_yaml::to_string(&cfg)?, &columns, hp.keep)?;
     let mut tr = Trainer::new(&cfg, hp.clone(), teacher, args.device)?;
     let mut start = 0;
     let mut seconds0 = 0.0;
@@ -358,10 +404,11 @@ pub fn train(args: &DaviArgs) -> Result<PathBuf> {
             terms.total, terms.con
         ));
         if step % 10 == 0 || step == hp.steps {
-            run.log(
-                step,
-                &[terms.total, terms.ikl, terms.con, terms.reg, terms.dsm, sps],
-            )?;
+            let mut row = vec![terms.total, terms.ikl, terms.con, terms.reg, terms.dsm, sps];
+            if hp.gan.is_some() {
+                row.extend([terms.gan_g, terms.gan_d, terms.gan_w]);
+            }
+            run.log(step, &row)?;
         }
         let stop = run.stop_requested();
         if step % hp.checkpoint_every == 0 || step == hp.steps || stop {

@@ -11,6 +11,7 @@ pub mod diffusion;
 pub mod dps;
 pub mod eval;
 pub mod export;
+pub mod gan;
 pub mod params;
 pub mod plot;
 pub mod prior;

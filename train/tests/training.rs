@@ -251,13 +251,11 @@ fn bridge_gives_x0_at_zero_and_the_lift_at_t_minus_one() {
     let _ = Bridge::new(&Diffusion::new(BetaSchedule::Linear, 1000));
 }
 
-#[test]
-fn twenty_davi_steps_lower_the_data_consistency_loss() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = davi_cfg(tmp.path(), "{task: deblur, kernel_size: 5, sigma: 1.0}");
+/// A DAVI trainer on a random teacher whose output conv is not zero, so `I_phi` starts away from
+/// the measurement.
+fn trainer(cfg: &DaviConfig, hp: davi_train::config::DaviTrain) -> davi_train::davi::Trainer {
     let unet = UNetModel::new(&cfg.unet).unwrap();
     let teacher = ParamSet::init(&unet, 3, Device::Cpu);
-    // A teacher whose output conv is not zero, so I_phi starts away from the measurement.
     let teacher: std::collections::HashMap<String, Tensor> = teacher
         .frozen()
         .into_iter()
@@ -270,6 +268,13 @@ fn twenty_davi_steps_lower_the_data_consistency_loss() {
             }
         })
         .collect();
+    davi_train::davi::Trainer::new(cfg, hp, teacher, Device::Cpu).unwrap()
+}
+
+#[test]
+fn twenty_davi_steps_lower_the_data_consistency_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = davi_cfg(tmp.path(), "{task: deblur, kernel_size: 5, sigma: 1.0}");
     let hp = davi_train::config::DaviTrain {
         batch_size: 8,
         lr: 1e-3,
@@ -278,7 +283,7 @@ fn twenty_davi_steps_lower_the_data_consistency_loss() {
         t_ikl: 400,
         ..Default::default()
     };
-    let mut tr = davi_train::davi::Trainer::new(&cfg, hp, teacher, Device::Cpu).unwrap();
+    let mut tr = trainer(&cfg, hp);
     tch::manual_seed(5);
     let x0 = (Tensor::rand([8, 1, 16, 16], (Kind::Float, Device::Cpu))
         .gt(0.5)
@@ -474,4 +479,76 @@ fn learned_sigma_prior_trains_with_the_hybrid_loss_and_samples() {
     assert_eq!(x.size(), [2, 1, 16, 16]);
     assert_eq!(x.isfinite().all().int64_value(&[]), 1);
     assert!(x.std(true).double_value(&[]) > 1e-3);
+}
+
+#[test]
+fn gan_losses_and_adaptive_weight_are_the_formulas() {
+    use davi_train::gan;
+    let real = Tensor::from_slice(&[2.0f32, 0.5]);
+    let fake = Tensor::from_slice(&[-2.0f32, 0.0]);
+    // relu(1 - real) = [0, 0.5], relu(1 + fake) = [0, 1]: (0.25 + 0.5) / 2.
+    assert!((gan::d_hinge(&real, &fake).double_value(&[]) - 0.375).abs() < 1e-6);
+    // rec = sum(w^2) has gradient 2w, gen = sum(3w) has gradient 3: the weight is their norm ratio.
+    let w = Tensor::from_slice(&[1.0f32, -2.0, 0.5]).set_requires_grad(true);
+    let rec = w.square().sum(Kind::Float);
+    let gen = (&w * 3.0).sum(Kind::Float);
+    let want = (2.0 * (1.0f64 + 4.0 + 0.25).sqrt()) / ((9.0f64 * 3.0).sqrt() + 1e-4);
+    assert!((gan::adaptive_weight(&rec, &gen, &w) - want).abs() < 1e-5);
+}
+
+#[test]
+fn davi_steps_with_the_patchgan_term_train_the_discriminator_and_checkpoint_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = davi_cfg(tmp.path(), "{task: deblur, kernel_size: 5, sigma: 1.0}");
+    let gan = davi_train::gan::GanConfig {
+        layers: 2,
+        ndf: 16,
+        lr: 2e-3,
+        ..Default::default()
+    };
+    let hp = davi_train::config::DaviTrain {
+        batch_size: 8,
+        lr: 1e-3,
+        t_ikl: 400,
+        gan: Some(gan),
+        ..Default::default()
+    };
+    let mut tr = trainer(&cfg, hp.clone());
+    assert_eq!(
+        tr.gan
+            .as_ref()
+            .unwrap()
+            .logits(&Tensor::zeros([2, 1, 16, 16], (Kind::Float, Device::Cpu)))
+            .size(),
+        [2, 1, 2, 2]
+    );
+    tch::manual_seed(5);
+    let x0 = (Tensor::rand([8, 1, 16, 16], (Kind::Float, Device::Cpu))
+        .gt(0.5)
+        .to_kind(Kind::Float)
+        * 2.0)
+        - 1.0;
+    let mut d = vec![];
+    for step in 0..20 {
+        let t = tr.step(&x0, step).unwrap();
+        assert!(t.total.is_finite() && t.gan_g.is_finite());
+        assert!(t.gan_w > 0.0, "adaptive weight {}", t.gan_w);
+        d.push(t.gan_d);
+    }
+    // Hinge loss of an untrained discriminator is about 1; it learns to tell x0 from x_hat.
+    let late = d[15..].iter().sum::<f64>() / 5.0;
+    assert!(late < d[0], "discriminator loss {d:?}");
+    // The discriminator and its optimizer are in the checkpoint and come back on resume.
+    let all: std::collections::HashMap<String, Tensor> = tr.named().into_iter().collect();
+    assert!(all.keys().any(|k| k.starts_with("disc.main.")));
+    assert!(all.keys().any(|k| k.starts_with("opt_disc.m.")));
+    let mut back = trainer(&cfg, hp);
+    back.load(&all, 20).unwrap();
+    let (a, b) = (
+        &tr.gan.as_ref().unwrap().params,
+        &back.gan.as_ref().unwrap().params,
+    );
+    for (k, v) in &a.tensors {
+        assert_eq!(max_diff(v, &b.tensors[k]), 0.0, "{k}");
+    }
 }

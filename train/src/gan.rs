@@ -1,0 +1,188 @@
+//! The optional adversarial term of DAVI training: a PatchGAN discriminator (pix2pix's
+//! `NLayerDiscriminator`: 4x4 convolutions, LeakyReLU 0.2, batch-statistics normalisation), hinge
+//! losses, and the VQGAN-style adaptive weight that scales the generator term by the ratio of
+//! gradient norms at `I_phi`'s last layer.
+
+use crate::params::{AdamW, ParamSet};
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tch::{Device, Kind, Tensor};
+
+/// `train.davi.gan` of a config: present turns the term on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GanConfig {
+    /// Factor on the adaptive weight (VQGAN's `disc_weight`).
+    pub weight: f64,
+    /// Strided layers of the discriminator (3 in pix2pix; patches of 32 px images are then 2x2).
+    pub layers: usize,
+    /// Channels of its first layer.
+    pub ndf: usize,
+    /// Step at which the discriminator and the generator term start (VQGAN's `disc_start`).
+    pub start: usize,
+    /// Adam learning rate of the discriminator (betas 0.5, 0.9); 0: that of `I_phi`.
+    pub lr: f64,
+}
+
+impl Default for GanConfig {
+    fn default() -> Self {
+        Self {
+            weight: 0.1,
+            layers: 3,
+            ndf: 64,
+            start: 0,
+            lr: 0.0,
+        }
+    }
+}
+
+/// One convolution of the discriminator: (name, in, out, stride, has_bias, normalised).
+type Layer = (String, usize, usize, i64, bool, bool);
+
+/// The discriminator, its optimizer and its layout.
+pub struct PatchGan {
+    /// Hyperparameters.
+    pub cfg: GanConfig,
+    /// Weights (`main.N.weight`, `main.N.bias`, `norm.N.weight`, `norm.N.bias`).
+    pub params: ParamSet,
+    /// Adam (no weight decay) with betas (0.5, 0.9).
+    pub opt: AdamW,
+    layers: Vec<Layer>,
+}
+
+fn layout(c: usize, cfg: &GanConfig) -> Vec<Layer> {
+    let mut v = vec![("main.0".to_string(), c, cfg.ndf, 2, true, false)];
+    let mut mult = 1;
+    for n in 1..=cfg.layers {
+        let prev = mult;
+        mult = (1 << n).min(8);
+        let stride = if n < cfg.layers { 2 } else { 1 };
+        v.push((
+            format!("main.{n}"),
+            cfg.ndf * prev,
+            cfg.ndf * mult,
+            stride,
+            false,
+            true,
+        ));
+    }
+    v.push((
+        format!("main.{}", cfg.layers + 1),
+        cfg.ndf * mult,
+        1,
+        1,
+        true,
+        false,
+    ));
+    v
+}
+
+impl PatchGan {
+    /// A discriminator for `c`-channel images, initialised as pix2pix does (conv weights
+    /// N(0, 0.02), norm weights N(1, 0.02), biases 0). Deterministic for a given `seed`.
+    pub fn new(c: usize, cfg: GanConfig, lr: f64, seed: i64, device: Device) -> Result<Self> {
+        if cfg.layers == 0 || cfg.ndf == 0 {
+            bail!("gan: layers and ndf must be positive");
+        }
+        tch::manual_seed(seed);
+        let layers = layout(c, &cfg);
+        let mut tensors = BTreeMap::new();
+        let opts = (Kind::Float, device);
+        for (name, cin, cout, _, bias, norm) in &layers {
+            let (cin, cout) = (*cin as i64, *cout as i64);
+            tensors.insert(
+                format!("{name}.weight"),
+                Tensor::randn([cout, cin, 4, 4], opts) * 0.02,
+            );
+            if *bias {
+                tensors.insert(format!("{name}.bias"), Tensor::zeros([cout], opts));
+            }
+            if *norm {
+                let n = name.replace("main.", "norm.");
+                tensors.insert(
+                    format!("{n}.weight"),
+                    Tensor::randn([cout], opts) * 0.02 + 1.0,
+                );
+                tensors.insert(format!("{n}.bias"), Tensor::zeros([cout], opts));
+            }
+        }
+        let params = ParamSet::from_tensors(tensors.iter());
+        let mut opt = AdamW::new(&params, if cfg.lr > 0.0 { cfg.lr } else { lr }, 0.0);
+        opt.betas = (0.5, 0.9);
+        Ok(Self {
+            cfg,
+            params,
+            opt,
+            layers,
+        })
+    }
+
+    /// Patch logits `[N, 1, P, P]` of images `x` in [-1, 1].
+    pub fn logits(&self, x: &Tensor) -> Tensor {
+        let p = &self.params.tensors;
+        let last = self.layers.len() - 1;
+        let mut h = x.shallow_clone();
+        for (i, (name, _, _, stride, bias, norm)) in self.layers.iter().enumerate() {
+            let b = if *bias {
+                Some(&p[&format!("{name}.bias")])
+            } else {
+                None
+            };
+            h = h.conv2d(
+                &p[&format!("{name}.weight")],
+                b,
+                [*stride, *stride],
+                [1, 1],
+                [1, 1],
+                1,
+            );
+            if *norm {
+                let n = name.replace("main.", "norm.");
+                h = h.batch_norm(
+                    Some(&p[&format!("{n}.weight")]),
+                    Some(&p[&format!("{n}.bias")]),
+                    None::<&Tensor>,
+                    None::<&Tensor>,
+                    true,
+                    0.1,
+                    1e-5,
+                    false,
+                );
+            }
+            if i != last {
+                h = h.maximum(&(&h * 0.2)); // LeakyReLU(0.2)
+            }
+        }
+        h
+    }
+
+    /// Hinge loss of the discriminator: `(mean relu(1 - D(real)) + mean relu(1 + D(fake))) / 2`.
+    pub fn d_loss(&self, real: &Tensor, fake: &Tensor) -> Tensor {
+        d_hinge(&self.logits(real), &self.logits(fake))
+    }
+
+    /// One discriminator update on `real` and (detached) `fake`; returns its loss.
+    pub fn step(&mut self, real: &Tensor, fake: &Tensor) -> f64 {
+        let loss = self.d_loss(real, &fake.detach());
+        self.params.zero_grad();
+        loss.backward();
+        self.opt.step(&mut self.params);
+        loss.double_value(&[])
+    }
+}
+
+/// The discriminator's hinge loss from its logits.
+pub fn d_hinge(real: &Tensor, fake: &Tensor) -> Tensor {
+    ((-real + 1.0).relu().mean(Kind::Float) + (fake + 1.0).relu().mean(Kind::Float)) * 0.5
+}
+
+/// VQGAN's adaptive weight: `||d rec / d last|| / (||d gen / d last|| + 1e-4)`, clamped to
+/// [0, 1e4] and detached. Both losses keep their graphs.
+pub fn adaptive_weight(rec: &Tensor, gen: &Tensor, last: &Tensor) -> f64 {
+    let g_rec = Tensor::run_backward(&[rec], &[last], true, false);
+    let g_gen = Tensor::run_backward(&[gen], &[last], true, false);
+    let n_rec = g_rec[0].norm().double_value(&[]);
+    let n_gen = g_gen[0].norm().double_value(&[]);
+    (n_rec / (n_gen + 1e-4)).clamp(0.0, 1e4)
+}
