@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-fmnist32-deblur}
 ONNX=models/zoo/$MODEL/model.onnx
-CKPT=${CKPT:-runs/$MODEL/ema.safetensors}
+CKPT=${CKPT:-models/zoo/$MODEL/ema.safetensors}   # the weights the ONNX model was exported from
+ITEMS=${ITEMS:-"1 2 3 5 6 7"}                       # which figures of BENCHMARKS.md to make
+on() { [[ " $ITEMS " == *" $1 "* ]]; }
 W=out/bench
 mkdir -p "$W"
 [ -f "$ONNX" ] || { echo "bench: $ONNX missing (make zoo)"; exit 2; }
@@ -18,25 +20,59 @@ if [ ! -d "$W/in2000" ]; then
   mkdir -p "$W/in100" && cp $(ls -d "$W"/in2000/* | head -100) "$W/in100/"
   mkdir -p "$W/in10000" && for k in 0 1 2 3 4; do mkdir -p "$W/in10000/$k" && cp "$W"/in2000/* "$W/in10000/$k/"; done
 fi
-echo "## 1. ONNX Runtime session vs tch eager (same weights, CPU, $(nproc) cores)"
-$DAVI bench -m "$ONNX" --batch 1,8,32 --seconds 5 --json "$W/ort.json"
-if [ -f "$CKPT" ]; then $TRAIN bench --checkpoint "$CKPT" --config "models/configs/$MODEL.yaml" --batch 1,8,32 --seconds 5; else echo "(no $CKPT: tch figures need the training checkpoint)"; fi
-echo
-echo "## 2. davi restore end to end over 2,000 images vs the bare session"
-$DAVI bench -m "$ONNX" --batch 32 --seconds 5 -i "$W/in2000" --restore-batch 32 --json "$W/restore.json"
-echo
-echo "## 3. davi restore vs a Python script (onnxruntime + Pillow + numpy)"
-if [ ! -x .deps/bench-venv/bin/python ]; then
-  python3 -m venv .deps/bench-venv
-  .deps/bench-venv/bin/pip install --quiet onnxruntime==1.31.1 pillow numpy
+if on 1 || on 5; then
+  echo "## 1. ONNX Runtime session vs tch eager (same weights, CPU, $(nproc) cores)"
+  $DAVI bench -m "$ONNX" --batch 1,8,32 --seconds 5 --json "$W/ort.json"
+  $TRAIN bench --checkpoint "$CKPT" --config "models/configs/$MODEL.yaml" --batch 1,8,32 --seconds 5 --peak | tee "$W/tch.txt"
+  echo
 fi
-rm -rf "$W/py1" "$W/py32"
-.deps/bench-venv/bin/python scripts/bench/python_restore.py "$ONNX" "$W/in2000" "$W/py1" --batch 1
-.deps/bench-venv/bin/python scripts/bench/python_restore.py "$ONNX" "$W/in2000" "$W/py32" --batch 32
-echo
-echo "## 6. peak RSS of davi restore over 100 and 10,000 images"
-command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time; }
-for n in 100 10000; do
-  rm -rf "$W/rss$n"
-  /usr/bin/time -f "restore $n images: peak RSS %M KiB, %e s" $DAVI restore -m "$ONNX" -i "$W/in$n" -o "$W/rss$n" 2>&1 | grep -E "peak RSS"
-done
+if on 2; then
+  echo "## 2. davi restore end to end over 2,000 images vs the bare session"
+  $DAVI bench -m "$ONNX" --batch 32 --seconds 5 -i "$W/in2000" --restore-batch 32 --json "$W/restore.json"
+  echo
+fi
+if on 3; then
+  echo "## 3. davi restore vs a Python script (onnxruntime + Pillow + numpy)"
+  if [ ! -x .deps/bench-venv/bin/python ]; then
+    python3 -m venv .deps/bench-venv
+    .deps/bench-venv/bin/pip install --quiet onnxruntime==1.31.1 pillow numpy
+  fi
+  rm -rf "$W/py1" "$W/py32"
+  .deps/bench-venv/bin/python scripts/bench/python_restore.py "$ONNX" "$W/in2000" "$W/py1" --batch 1
+  .deps/bench-venv/bin/python scripts/bench/python_restore.py "$ONNX" "$W/in2000" "$W/py32" --batch 32
+  echo
+fi
+if on 5; then
+  echo "## 5. the session's achieved GFLOP/s vs the machine's measured convolution peak"
+  python3 - "$W/ort.json" "$W/tch.txt" <<'PY'
+import json, re, sys
+best = max(r["images_per_second"] for r in json.load(open(sys.argv[1]))["session"])
+txt = open(sys.argv[2]).read()
+conv, mm = map(float, re.search(r"model: ([\d.]+) GFLOP per image in convolutions, ([\d.]+)", txt).groups())
+peak = max(float(g) for g in re.findall(r"peak: .*: ([\d.]+) GFLOP/s", txt))
+print(f"session: {best:.1f} images/s x {conv:.4f} conv GFLOP/image = {best * conv:.1f} conv GFLOP/s "
+      f"({best * (conv + mm):.1f} with matrix products); peak {peak:.1f} GFLOP/s: "
+      f"{100 * best * conv / peak:.0f}% of peak ({100 * best * (conv + mm) / peak:.0f}% with matrix products)")
+PY
+  echo
+fi
+if on 6; then
+  echo "## 6. peak RSS of davi restore over 100 and 10,000 images"
+  command -v /usr/bin/time >/dev/null || { apt-get update -qq && apt-get install -y -qq time; }
+  for n in 100 10000; do
+    rm -rf "$W/rss$n"
+    /usr/bin/time -f "restore $n images: peak RSS %M KiB, %e s" $DAVI restore -m "$ONNX" -i "$W/in$n" -o "$W/rss$n" 2>&1 | grep -E "peak RSS"
+  done
+  echo
+fi
+if on 7; then
+  echo "## 7. a davi-train prior training step vs PyTorch eager (same UNet, batch 64, same threads)"
+  # A bench-only venv with the full PyPI torch 2.11.0 (the same version as the libtorch of davi-train).
+  if ! .deps/bench-torch/bin/python -c "import torch, yaml, safetensors" 2>/dev/null; then
+    python3 -m venv .deps/bench-torch
+    .deps/bench-torch/bin/pip install --quiet torch==2.11.0 numpy pyyaml safetensors
+  fi
+  PRIOR=models/configs/fmnist32-prior.yaml
+  $TRAIN bench-train --config $PRIOR --batch 64 --seconds 30 --fixture "$W/train-fixture.safetensors"
+  .deps/bench-torch/bin/python scripts/bench/torch_train_step.py $PRIOR "$W/train-fixture.safetensors" --batch 64 --seconds 30
+fi

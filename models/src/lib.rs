@@ -22,6 +22,7 @@
 
 pub mod backend;
 pub mod card;
+pub mod flops;
 pub mod implicit;
 pub mod metrics;
 pub mod operators;

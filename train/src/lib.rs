@@ -2,6 +2,7 @@
 //! training, sampling and evaluation jobs of `davi-train`.
 
 pub mod backend;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

@@ -163,6 +163,30 @@ enum Cmd {
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Also print the model's GFLOP per image and the machine's convolution peak (GFLOP/s
+        /// of large 3x3 convs on the same threads).
+        #[arg(long)]
+        peak: bool,
+    },
+    /// Steps/s of prior training (forward, backward, clipping, AdamW) of a config's UNet, to
+    /// set against PyTorch eager (`scripts/bench/torch_train_step.py`).
+    BenchTrain {
+        /// Model config.
+        #[arg(long)]
+        config: PathBuf,
+        /// Images per step.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Seconds to time.
+        #[arg(long, default_value_t = 20.0)]
+        seconds: f64,
+        /// Write the initial weights and one forward here (safetensors) for the other side's
+        /// check that it builds the same network.
+        #[arg(long)]
+        fixture: Option<PathBuf>,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Parameters of a UNet config (guided-diffusion keys, or a model config), and the time of
     /// one forward pass at batch 1 on this machine (random weights).
@@ -396,10 +420,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             batch,
             seconds,
             device,
+            peak,
         } => {
             let dev = device::pick(&device)?;
             let cfg = davi_models::DaviConfig::from_file(&config)?;
             let implicit = davi_models::Implicit::new(&cfg)?;
+            if peak {
+                let (conv, mm) = davi_models::flops::unet_flops(&implicit.unet)?;
+                println!(
+                    "model: {:.4} GFLOP per image in convolutions, {:.4} in matrix products",
+                    conv / 1e9,
+                    mm / 1e9
+                );
+                for (what, g) in davi_train::bench::peak_conv(dev, seconds.min(3.0))? {
+                    println!("peak: {what}: {g:.1} GFLOP/s");
+                }
+            }
             let params =
                 checkpoint::load_params(&ckpt, implicit.unet.param_shapes(), Some("ema."), dev)?;
             let b = TchBackend::new(params, dev);
@@ -444,6 +480,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     lat[lat.len() / 2] * 1e3
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::BenchTrain {
+            config,
+            batch,
+            seconds,
+            fixture,
+            device,
+        } => {
+            let dev = device::pick(&device)?;
+            let cfg = davi_models::DaviConfig::from_file(&config)?;
+            let sps =
+                davi_train::bench::train_steps(&cfg, batch, seconds, dev, fixture.as_deref())?;
+            println!(
+                "davi-train (tch) prior training step, batch {batch}: {sps:.3} steps/s ({:.2} s/step)",
+                1.0 / sps
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Describe {

@@ -118,18 +118,7 @@ pub fn train(args: &PriorArgs) -> Result<PathBuf> {
             let x_t = diffusion::q_sample(&diff, &x0, &ts, &noise);
             let mut b = TchBackend::new(params.handles(), args.device);
             b.train = true;
-            let (pred, v) = diffusion::eps_and_v(&unet, &b, &x_t, &ts)?;
-            let mse = (&pred - &noise).square().mean(Kind::Float);
-            let (loss, extra) = match v {
-                Some(v) => {
-                    let vb = diffusion::vb_term(&diff, &x0, &x_t, &ts, &pred.detach(), &v)
-                        .mean(Kind::Float)
-                        * (diff.steps() as f64 / 1000.0);
-                    let extra = vec![mse.double_value(&[]), vb.double_value(&[])];
-                    (mse + vb, extra)
-                }
-                None => (mse, vec![]),
-            };
+            let (loss, extra) = loss(&unet, &b, &diff, &x0, &x_t, &ts, &noise)?;
             let lv = loss.double_value(&[]);
             if !lv.is_finite() {
                 bail!("loss is {lv} at step {step}; stopping. The last good checkpoint in {} is kept.", dir.display());
@@ -189,6 +178,30 @@ pub fn train(args: &PriorArgs) -> Result<PathBuf> {
         finish(&dir, &unet, &ema, &diff, args.device, tc.sample_n)?;
     }
     Ok(dir)
+}
+
+/// The training loss of a prior at `x_t` (made from `x0`, `ts`, `noise`): the eps MSE, plus the
+/// rescaled variational term for a learned-sigma UNet (then also `[mse, vb]` for the log).
+pub fn loss(
+    unet: &UNetModel,
+    b: &TchBackend,
+    diff: &Diffusion,
+    x0: &Tensor,
+    x_t: &Tensor,
+    ts: &[usize],
+    noise: &Tensor,
+) -> Result<(Tensor, Vec<f64>)> {
+    let (pred, v) = diffusion::eps_and_v(unet, b, x_t, ts)?;
+    let mse = (&pred - noise).square().mean(Kind::Float);
+    Ok(match v {
+        Some(v) => {
+            let vb = diffusion::vb_term(diff, x0, x_t, ts, &pred.detach(), &v).mean(Kind::Float)
+                * (diff.steps() as f64 / 1000.0);
+            let extra = vec![mse.double_value(&[]), vb.double_value(&[])];
+            (mse + vb, extra)
+        }
+        None => (mse, vec![]),
+    })
 }
 
 fn progress(total: usize, start: usize) -> indicatif::ProgressBar {
