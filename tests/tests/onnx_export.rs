@@ -230,3 +230,122 @@ fn exported_models_pass_the_onnx_checker() {
         );
     }
 }
+
+/// What the TensorRT 10 ONNX parser takes (onnx-tensorrt `docs/operators.md`, support matrix and
+/// restrictions): every exported graph (each task, and the shipped models) stays inside it, so
+/// GroupNorm is decomposed rather than written as `GroupNormalization`.
+#[test]
+fn exported_graphs_use_only_what_the_tensorrt_10_parser_takes() {
+    const SUPPORTED: &[&str] = &[
+        "Add",
+        "AveragePool",
+        "Cast",
+        "Concat",
+        "Conv",
+        "Div",
+        "Gemm",
+        "Identity",
+        "InstanceNormalization",
+        "MatMul",
+        "Mul",
+        "Pad",
+        "Reshape",
+        "Resize",
+        "Shape",
+        "Sigmoid",
+        "Slice",
+        "Softmax",
+        "Sqrt",
+        "Sub",
+        "Tanh",
+        "Transpose",
+        "Unsqueeze",
+        "Squeeze",
+        "Gather",
+        "Expand",
+        "Clip",
+        "ReduceMean",
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for task in ["deblur", "sr", "inpaint", "colorize", "denoise"] {
+        paths.push(davi_tests::random_model(&tmp.path().join(task), task));
+    }
+    for entry in std::fs::read_dir(davi_tests::root().join("models/zoo")).unwrap() {
+        let p = entry.unwrap().path().join("model.onnx");
+        if p.is_file() {
+            paths.push(p);
+        }
+    }
+    assert!(paths.len() >= 9, "the shipped models were not found");
+    for p in paths {
+        let m = davi_export::read_model(&p).unwrap();
+        let opset = m.opset_import[0].version;
+        assert!((9..=20).contains(&opset), "{}: opset {opset}", p.display());
+        let g = m.graph.as_ref().unwrap();
+        let init: std::collections::HashSet<&str> =
+            g.initializer.iter().map(|t| t.name.as_str()).collect();
+        let must_be_init = |n: &davi_export::proto::NodeProto, i: usize| {
+            if let Some(name) = n.input.get(i).filter(|s| !s.is_empty()) {
+                assert!(
+                    init.contains(name.as_str()),
+                    "{}: {} input {i} '{name}' is not an initializer",
+                    p.display(),
+                    n.name
+                );
+            }
+        };
+        for n in &g.node {
+            assert!(
+                SUPPORTED.contains(&n.op_type.as_str()),
+                "{}: {} is not in the TensorRT 10 parser's list",
+                p.display(),
+                n.op_type
+            );
+            let attr = |k: &str| {
+                n.attribute
+                    .iter()
+                    .find(|a| a.name == k)
+                    .map(|a| String::from_utf8_lossy(&a.s).to_string())
+            };
+            match n.op_type.as_str() {
+                "Conv" => must_be_init(n, 1),
+                "InstanceNormalization" => {
+                    must_be_init(n, 1);
+                    must_be_init(n, 2);
+                }
+                "Slice" => must_be_init(n, 3),
+                "Resize" => {
+                    let mode = attr("mode").unwrap_or_else(|| "nearest".into());
+                    assert!(
+                        ["nearest", "linear"].contains(&mode.as_str()),
+                        "{}: Resize mode {mode}",
+                        n.name
+                    );
+                    let ctm = attr("coordinate_transformation_mode")
+                        .unwrap_or_else(|| "half_pixel".into());
+                    assert!(
+                        [
+                            "half_pixel",
+                            "pytorch_half_pixel",
+                            "tf_half_pixel_for_nn",
+                            "asymmetric",
+                            "align_corners"
+                        ]
+                        .contains(&ctm.as_str()),
+                        "{}: Resize coordinate_transformation_mode {ctm}",
+                        n.name
+                    );
+                    let nm = attr("nearest_mode").unwrap_or_else(|| "round_prefer_floor".into());
+                    assert!(
+                        ["floor", "ceil", "round_prefer_floor", "round_prefer_ceil"]
+                            .contains(&nm.as_str()),
+                        "{}: Resize nearest_mode {nm}",
+                        n.name
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+}
