@@ -12,13 +12,13 @@
 //!
 //! # Sizes and CPU cost
 //!
-//! `davi-train describe --config C --time` (random weights, batch 1, 2 CPU cores of the
+//! `davi-train describe --config C --time` (one multiply-add counts two operations; random weights, batch 1, 2 CPU cores of the
 //! development machine while a training job shared them):
 //!
-//! | config | parameters | forward, batch 1 |
-//! |---|---:|---:|
-//! | FFHQ-256 ADM (`models/configs/adm/ffhq256.json`: 128 channels, mult 1,1,2,2,4,4, attention at 16, one res block, heads of 64, scale-shift, resblock up/down, learned sigma; DPS's `ffhq_10m.pt`) | 93,563,910 | 10.5 s |
-//! | our 32 px (`models/configs/fmnist32-prior.yaml`: 32 channels, mult 1,2,2, attention at 8) | 1,369,953 | 0.029 s |
+//! | config | parameters | GFLOP per image ([`flops`]) | forward, batch 1 |
+//! |---|---:|---:|---:|
+//! | FFHQ-256 ADM (`models/configs/adm/ffhq256.json`: 128 channels, mult 1,1,2,2,4,4, attention at 16, one res block, heads of 64, scale-shift, resblock up/down, learned sigma; DPS's `ffhq_10m.pt`) | 93,563,910 | 387.9 | 10.5 s |
+//! | our 32 px (`models/configs/fmnist32-prior.yaml`: 32 channels, mult 1,2,2, attention at 8) | 1,369,953 | 0.60 | 0.029 s |
 
 pub mod backend;
 pub mod card;

@@ -509,11 +509,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Err(_) => UNetConfig::from_file(&config)?,
             };
             let unet = UNetModel::new(&ucfg)?;
+            let (conv, mm) = davi_models::flops::unet_flops(&unet)?;
             println!(
-                "{}: {} parameters ({:.2} M)",
+                "{}: {} parameters ({:.2} M), {:.2} GFLOP per image ({:.2} in convolutions)",
                 config.display(),
                 unet.num_params(),
-                unet.num_params() as f64 / 1e6
+                unet.num_params() as f64 / 1e6,
+                (conv + mm) / 1e9,
+                conv / 1e9
             );
             if time {
                 let dev = device::pick(&device)?;
