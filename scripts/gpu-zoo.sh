@@ -33,4 +33,5 @@ save() {
   tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='ckpt-*' --exclude='ema.safetensors' . 2>/dev/null || true
 }
 trap save EXIT
-time timeout "${LIMIT:-530}" env DEVICE=cuda STAGE=train RUNS=$RUNS scripts/zoo.sh 2>&1 | grep -v "^\s*$" | tail -20 || echo "gpu-zoo: stopped by the time limit; the finished parts are saved"
+time timeout "${LIMIT:-530}" env DEVICE=cuda STAGE=train RUNS=$RUNS PRIORS=fmnist32-prior \
+  MODELS="fmnist32-deblur fmnist32-sr4 fmnist32-inpaint fmnist32-denoise" scripts/zoo.sh 2>&1 | grep -v "^\s*$" | tail -20 || echo "gpu-zoo: stopped by the time limit; the finished parts are saved"

@@ -1,31 +1,37 @@
 #!/usr/bin/env bash
-# `make zoo`: retrains every shipped Fashion-MNIST model from its committed config (the prior, then
-# the four DAVI task models from it), exports each to models/zoo/<name>/ with its parity fixtures,
-# and evaluates it (DAVI vs DPS vs the lifted measurement) into its card.yaml.
+# `make zoo`: retrains every shipped model from its committed config: the two priors
+# (fmnist32-prior, photo32-prior), then the DAVI task models from them (their configs' `teacher`
+# is the prior's zoo checkpoint), exports each to models/zoo/<name>/ with its parity fixtures and
+# EMA weights, and evaluates it (DAVI vs DPS vs the lifted measurement) into its card.yaml.
 #   DEVICE=auto|cpu|cuda   where to train (default auto)     STAGE=train|export|all (default all)
+#   PRIORS, MODELS          which priors / task models (default: all of them)
+#   RUNS                    run folders (default runs/)
 #   DPS_STEPS, DPS_N, EVAL_N  evaluation sizes (defaults 1000, 16, 1000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/release
 DEVICE=${DEVICE:-auto}
 STAGE=${STAGE:-all}
-TASKS=${TASKS:-"deblur sr4 inpaint denoise"}
+PRIORS=${PRIORS:-"fmnist32-prior photo32-prior"}
+MODELS=${MODELS:-"fmnist32-deblur fmnist32-sr4 fmnist32-inpaint fmnist32-denoise photo32-colorize"}
 RUNS=${RUNS:-runs}
 if [ "$STAGE" != export ]; then
-  $BIN/davi-train prior --config models/configs/fmnist32-prior.yaml --device "$DEVICE" --run "$RUNS/fmnist32-prior"
-  mkdir -p models/zoo/fmnist32-prior
-  cp "$RUNS/fmnist32-prior/ema.safetensors" "$RUNS/fmnist32-prior/samples.png" models/zoo/fmnist32-prior/
-  for t in $TASKS; do
-    $BIN/davi-train davi --config "models/configs/fmnist32-$t.yaml" --device "$DEVICE" --run "$RUNS/fmnist32-$t"
+  for p in $PRIORS; do
+    $BIN/davi-train prior --config "models/configs/$p.yaml" --device "$DEVICE" --run "$RUNS/$p"
+    mkdir -p "models/zoo/$p"
+    cp "$RUNS/$p/ema.safetensors" "$RUNS/$p/samples.png" "models/zoo/$p/"
+  done
+  for name in $MODELS; do
+    $BIN/davi-train davi --config "models/configs/$name.yaml" --device "$DEVICE" --run "$RUNS/$name"
   done
 fi
 [ "$STAGE" = train ] && exit 0
-for t in $TASKS; do
-  name=fmnist32-$t
+for name in $MODELS; do
   dir=models/zoo/$name
   mkdir -p "$dir"
-  $BIN/davi-train export --checkpoint "$RUNS/$name/ema.safetensors" --config "models/configs/$name.yaml" -o "$dir/model.onnx"
-  $BIN/davi-train eval --checkpoint "$RUNS/$name/ema.safetensors" --config "models/configs/$name.yaml" \
+  cp "$RUNS/$name/ema.safetensors" "$dir/ema.safetensors"
+  $BIN/davi-train export --checkpoint "$dir/ema.safetensors" --config "models/configs/$name.yaml" -o "$dir/model.onnx"
+  $BIN/davi-train eval --checkpoint "$dir/ema.safetensors" --config "models/configs/$name.yaml" \
     -n "${EVAL_N:-1000}" --dps-steps "${DPS_STEPS:-1000}" --dps-n "${DPS_N:-16}" --device "$DEVICE" \
     -o "$RUNS/$name/eval" --card "$dir/card.yaml"
   cp "$RUNS/$name/eval/sheet.png" "$dir/sheet.png"
