@@ -102,7 +102,10 @@ fn to_chw(img: &image::DynamicImage, c: usize) -> Vec<f32> {
     for (x, y, p) in rgb.enumerate_pixels() {
         let (x, y) = (x as usize, y as usize);
         if c == 1 {
-            out[y * w + x] = (p[0] + p[1] + p[2]) / 3.0 * 2.0 - 1.0;
+            // On the 256-level grid of 8-bit images (the t = 0 decoder of the hybrid loss
+            // assumes it).
+            let g = ((p[0] + p[1] + p[2]) / 3.0 * 255.0).round() / 255.0;
+            out[y * w + x] = g * 2.0 - 1.0;
         } else {
             for k in 0..3 {
                 out[k * h * w + y * w + x] = p[k] * 2.0 - 1.0;

@@ -113,6 +113,7 @@ impl Trainer {
         let gan = match &hp.gan {
             Some(g) => Some(PatchGan::new(
                 cfg.unet.in_channels,
+                cfg.unet.image_size,
                 g.clone(),
                 hp.lr,
                 hp.seed as i64 + 1,
@@ -250,7 +251,7 @@ impl Trainer {
         let gan_on = self.gan.as_ref().is_some_and(|g| step >= g.cfg.start);
         if let (Some(gan), true) = (&self.gan, gan_on) {
             // The generator's hinge term, weighted by the ratio of gradient norms at the last layer.
-            let gen = -gan.logits(&x_hat).mean(Kind::Float);
+            let gen = -gan.logits_frozen(&x_hat).mean(Kind::Float);
             let last = &self.phi.tensors["out.2.weight"];
             gan_w = adaptive_weight(&total, &gen, last) * gan.cfg.weight;
             gan_g = gen.double_value(&[]);

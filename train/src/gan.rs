@@ -79,11 +79,26 @@ fn layout(c: usize, cfg: &GanConfig) -> Vec<Layer> {
 }
 
 impl PatchGan {
-    /// A discriminator for `c`-channel images, initialised as pix2pix does (conv weights
-    /// N(0, 0.02), norm weights N(1, 0.02), biases 0). Deterministic for a given `seed`.
-    pub fn new(c: usize, cfg: GanConfig, lr: f64, seed: i64, device: Device) -> Result<Self> {
+    /// A discriminator for `c`-channel images of side `size`, initialised as pix2pix does (conv
+    /// weights N(0, 0.02), norm weights N(1, 0.02), biases 0). Deterministic for a given `seed`.
+    pub fn new(
+        c: usize,
+        size: usize,
+        cfg: GanConfig,
+        lr: f64,
+        seed: i64,
+        device: Device,
+    ) -> Result<Self> {
         if cfg.layers == 0 || cfg.ndf == 0 {
             bail!("gan: layers and ndf must be positive");
+        }
+        // `layers` stride-2 convs halve the side; the two stride-1 4x4 convs take 1 each.
+        if (size >> cfg.layers) < 3 {
+            bail!(
+                "gan: {} layers are too deep for {size} px images (patches would vanish); use at most {}",
+                cfg.layers,
+                (size / 3).max(1).ilog2()
+            );
         }
         tch::manual_seed(seed);
         let layers = layout(c, &cfg);
@@ -118,9 +133,18 @@ impl PatchGan {
         })
     }
 
-    /// Patch logits `[N, 1, P, P]` of images `x` in [-1, 1].
+    /// Patch logits `[N, 1, P, P]` of images `x` in [-1, 1] (gradients reach the weights).
     pub fn logits(&self, x: &Tensor) -> Tensor {
-        let p = &self.params.tensors;
+        self.logits_with(&self.params.handles(), x)
+    }
+
+    /// Patch logits with the weights held fixed: the generator's term, whose gradient goes to
+    /// `x` only.
+    pub fn logits_frozen(&self, x: &Tensor) -> Tensor {
+        self.logits_with(&self.params.frozen(), x)
+    }
+
+    fn logits_with(&self, p: &std::collections::HashMap<String, Tensor>, x: &Tensor) -> Tensor {
         let last = self.layers.len() - 1;
         let mut h = x.shallow_clone();
         for (i, (name, _, _, stride, bias, norm)) in self.layers.iter().enumerate() {

@@ -494,6 +494,16 @@ fn gan_losses_and_adaptive_weight_are_the_formulas() {
     let gen = (&w * 3.0).sum(Kind::Float);
     let want = (2.0 * (1.0f64 + 4.0 + 0.25).sqrt()) / ((9.0f64 * 3.0).sqrt() + 1e-4);
     assert!((gan::adaptive_weight(&rec, &gen, &w) - want).abs() < 1e-5);
+    // A discriminator too deep for the image size is a config error, not a crash mid-run.
+    let deep = gan::PatchGan::new(1, 16, gan::GanConfig::default(), 1e-4, 0, Device::Cpu);
+    let msg = deep
+        .err()
+        .expect("3 layers at 16 px must be refused")
+        .to_string();
+    assert!(
+        msg.contains("too deep") && msg.contains("at most 2"),
+        "{msg}"
+    );
 }
 
 #[test]
