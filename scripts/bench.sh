@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 MODEL=${MODEL:-fmnist32-deblur}
 ONNX=models/zoo/$MODEL/model.onnx
 CKPT=${CKPT:-models/zoo/$MODEL/ema.safetensors}   # the weights the ONNX model was exported from
-ITEMS=${ITEMS:-"1 2 3 5 6 7"}                       # which figures of BENCHMARKS.md to make
+ITEMS=${ITEMS:-"1 2 3 4 5 6 7"}                       # which figures of BENCHMARKS.md to make
 on() { [[ " $ITEMS " == *" $1 "* ]]; }
 W=out/bench
 mkdir -p "$W"
@@ -40,6 +40,13 @@ if on 3; then
   rm -rf "$W/py1" "$W/py32"
   .deps/bench-venv/bin/python scripts/bench/python_restore.py "$ONNX" "$W/in2000" "$W/py1" --batch 1
   .deps/bench-venv/bin/python scripts/bench/python_restore.py "$ONNX" "$W/in2000" "$W/py32" --batch 32
+  echo
+fi
+if on 4; then
+  echo "## 4. DAVI (one evaluation) vs DPS (1000 steps) per image, same prior, same test images"
+  # `davi-train eval` times both on tch: DAVI on 64 images, DPS on the first 2 (about 30 s each here).
+  $TRAIN eval --checkpoint "$CKPT" --config "models/configs/$MODEL.yaml" -n 64 --dps-n 2 --dps-steps 1000 \
+    --samples 0 --device cpu -o "$W/dps" | grep -E "^\| (DAVI|DPS)"
   echo
 fi
 if on 5; then
