@@ -45,6 +45,14 @@ fn prior_cfg(dir: &Path, steps: usize) -> PathBuf {
     )
 }
 
+/// libtorch's RNG is global to the process and the tests of this file seed it and compare
+/// results, so they run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Trains (or resumes) the prior of `cfg` in `run` on the CPU.
 fn train_prior(cfg: &Path, run: &Path, steps: Option<usize>) {
     prior::train(&prior::PriorArgs {
@@ -83,6 +91,7 @@ fn fixed_loss(unet: &UNetModel, params: std::collections::HashMap<String, Tensor
 
 #[test]
 fn prior_steps_lower_the_loss() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = prior_cfg(tmp.path(), 30);
     let run = tmp.path().join("run");
@@ -113,6 +122,7 @@ fn prior_steps_lower_the_loss() {
 
 #[test]
 fn resumed_run_equals_uninterrupted_run() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = prior_cfg(tmp.path(), 6);
     let a = tmp.path().join("a");
@@ -139,6 +149,7 @@ fn resumed_run_equals_uninterrupted_run() {
 
 #[test]
 fn killed_training_keeps_a_readable_checkpoint_and_resumes() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = prior_cfg(tmp.path(), 400);
     let run = tmp.path().join("run");
@@ -206,6 +217,7 @@ fn killed_training_keeps_a_readable_checkpoint_and_resumes() {
 
 #[test]
 fn ikl_surrogate_puts_the_method_gradient_on_x_hat() {
+    let _serial = serial();
     // L = mean(stopgrad(g) * x_hat) => dL/dx_hat = g / D.
     let x_hat = Tensor::randn([2, 1, 4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let d = Diffusion::new(BetaSchedule::Linear, 1000);
@@ -232,6 +244,7 @@ fn davi_cfg(dir: &Path, task: &str) -> DaviConfig {
 
 #[test]
 fn bridge_gives_x0_at_zero_and_the_lift_at_t_minus_one() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = davi_cfg(tmp.path(), "{task: sr, scale: 4}");
     let imp = Implicit::new(&cfg).unwrap();
@@ -273,6 +286,7 @@ fn trainer(cfg: &DaviConfig, hp: davi_train::config::DaviTrain) -> davi_train::d
 
 #[test]
 fn twenty_davi_steps_lower_the_data_consistency_loss() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = davi_cfg(tmp.path(), "{task: deblur, kernel_size: 5, sigma: 1.0}");
     let hp = davi_train::config::DaviTrain {
@@ -312,6 +326,7 @@ fn twenty_davi_steps_lower_the_data_consistency_loss() {
 
 #[test]
 fn dps_lowers_the_measurement_residual() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = davi_cfg(tmp.path(), "{task: sr, scale: 4}");
     cfg.diffusion.steps = 50;
@@ -366,6 +381,7 @@ fn dps_lowers_the_measurement_residual() {
 
 #[test]
 fn vb_term_is_the_kl_and_decoder_nll_of_the_formulas() {
+    let _serial = serial();
     let d = Diffusion::new(BetaSchedule::Linear, 1000);
     tch::manual_seed(3);
     let x0 = Tensor::rand([3, 1, 2, 2], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
@@ -423,6 +439,7 @@ fn vb_term_is_the_kl_and_decoder_nll_of_the_formulas() {
 
 #[test]
 fn learned_sigma_prior_trains_with_the_hybrid_loss_and_samples() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = setup(
         tmp.path(),
@@ -483,6 +500,7 @@ fn learned_sigma_prior_trains_with_the_hybrid_loss_and_samples() {
 
 #[test]
 fn gan_losses_and_adaptive_weight_are_the_formulas() {
+    let _serial = serial();
     use davi_train::gan;
     let real = Tensor::from_slice(&[2.0f32, 0.5]);
     let fake = Tensor::from_slice(&[-2.0f32, 0.0]);
@@ -508,6 +526,7 @@ fn gan_losses_and_adaptive_weight_are_the_formulas() {
 
 #[test]
 fn davi_steps_with_the_patchgan_term_train_the_discriminator_and_checkpoint_it() {
+    let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = davi_cfg(tmp.path(), "{task: deblur, kernel_size: 5, sigma: 1.0}");
     let gan = davi_train::gan::GanConfig {
