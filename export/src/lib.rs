@@ -77,8 +77,6 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> ExportError {
     }
 }
 
-/// Wraps recorded nodes into a model: casts at the edges for fp16, initializers for the used
-/// weights, the output renamed to `output_name`.
 /// The edges of a recorded graph.
 struct Edges<'a> {
     /// Graph inputs with their dims (`None`: the dynamic batch).
@@ -91,6 +89,8 @@ struct Edges<'a> {
     output_dims: Vec<Option<i64>>,
 }
 
+/// Wraps recorded nodes into a model: casts at the edges for fp16, initializers for the used
+/// weights, the output renamed to `edges.output_name`.
 fn assemble(
     rec: Recorder<'_>,
     weights: &Weights,

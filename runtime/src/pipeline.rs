@@ -102,9 +102,12 @@ fn list_inputs(opts: &RestoreOptions, report: &mut Report) -> Result<Vec<Job>, R
         .follow_links(opts.follow_symlinks)
         .sort_by_file_name()
         .into_iter()
-        .filter_entry(|e| match (&out_root, e.path().canonicalize()) {
-            (Some(o), Ok(p)) => !(e.file_type().is_dir() && p == *o),
-            _ => true,
+        .filter_entry(|e| {
+            // Only folders can be the output folder: files are not resolved.
+            !(e.file_type().is_dir()
+                && out_root
+                    .as_ref()
+                    .is_some_and(|o| e.path().canonicalize().is_ok_and(|p| p == *o)))
         });
     for entry in walker {
         let entry = match entry {

@@ -33,6 +33,21 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     v
 }
 
+/// `davi restore -m model -i inp -o out` plus `extra`: (exit code, stdout, stderr).
+fn restore(model: &Path, inp: &Path, out: &Path, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec![
+        "restore",
+        "-m",
+        model.to_str().unwrap(),
+        "-i",
+        inp.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    davi(&args)
+}
+
 #[test]
 fn davi_does_not_link_libtorch() {
     let out = std::process::Command::new("ldd")
@@ -91,19 +106,12 @@ fn messy_folder_restores_the_good_and_names_the_bad() {
     std::os::unix::fs::symlink("/etc", inp.join("outside")).unwrap();
     let out = tmp.path().join("out");
     let report = tmp.path().join("report.json");
-    let (code, _, err) = davi(&[
-        "restore",
-        "-m",
-        model.to_str().unwrap(),
-        "-i",
-        inp.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-        "--batch",
-        "4",
-    ]);
+    let (code, _, err) = restore(
+        &model,
+        &inp,
+        &out,
+        &["--report", report.to_str().unwrap(), "--batch", "4"],
+    );
     assert_eq!(code, 1, "{err}");
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     let failed: BTreeMap<String, String> = r["failed"]
@@ -178,17 +186,7 @@ fn outputs_do_not_depend_on_batch_size_or_sharding() {
     write_images(&inp.join("b"), 5, 8);
     let run = |name: &str, extra: &[&str]| {
         let out = tmp.path().join(name);
-        let mut args = vec![
-            "restore",
-            "-m",
-            model.to_str().unwrap(),
-            "-i",
-            inp.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let (code, _, err) = davi(&args);
+        let (code, _, err) = restore(&model, &inp, &out, extra);
         assert_eq!(code, 0, "{err}");
         out
     };
@@ -212,15 +210,7 @@ fn killed_run_resumes_to_identical_bytes() {
     let inp = tmp.path().join("in");
     write_images(&inp, 300, 32);
     let full = tmp.path().join("full");
-    let (code, _, err) = davi(&[
-        "restore",
-        "-m",
-        model.to_str().unwrap(),
-        "-i",
-        inp.to_str().unwrap(),
-        "-o",
-        full.to_str().unwrap(),
-    ]);
+    let (code, _, err) = restore(&model, &inp, &full, &[]);
     assert_eq!(code, 0, "{err}");
     let part = tmp.path().join("part");
     let mut child = std::process::Command::new(bin("davi"))
@@ -253,16 +243,7 @@ fn killed_run_resumes_to_identical_bytes() {
         n_before < 300,
         "the run finished before it was killed; nothing was tested"
     );
-    let (code, _, err) = davi(&[
-        "restore",
-        "-m",
-        model.to_str().unwrap(),
-        "-i",
-        inp.to_str().unwrap(),
-        "-o",
-        part.to_str().unwrap(),
-        "--skip-existing",
-    ]);
+    let (code, _, err) = restore(&model, &inp, &part, &["--skip-existing"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("skipped"), "{err}");
     // Temporary files of the killed run may remain hidden; every real output is complete and equal.
@@ -278,17 +259,7 @@ fn samples_write_mean_and_std() {
     let inp = tmp.path().join("in");
     write_images(&inp, 2, 32);
     let out = tmp.path().join("out");
-    let (code, _, err) = davi(&[
-        "restore",
-        "-m",
-        model.to_str().unwrap(),
-        "-i",
-        inp.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--samples",
-        "3",
-    ]);
+    let (code, _, err) = restore(&model, &inp, &out, &["--samples", "3"]);
     assert_eq!(code, 0, "{err}");
     let t = tree(&out);
     for k in [
@@ -312,17 +283,7 @@ fn unavailable_execution_provider_is_an_error() {
     let inp = tmp.path().join("in");
     write_images(&inp, 1, 32);
     for ep in ["cuda", "tensorrt"] {
-        let (code, _, err) = davi(&[
-            "restore",
-            "-m",
-            model.to_str().unwrap(),
-            "-i",
-            inp.to_str().unwrap(),
-            "-o",
-            tmp.path().join("o").to_str().unwrap(),
-            "--ep",
-            ep,
-        ]);
+        let (code, _, err) = restore(&model, &inp, &tmp.path().join("o"), &["--ep", ep]);
         assert_eq!(code, 2, "--ep {ep}: {err}");
         assert!(
             err.contains(&format!("execution provider '{ep}' is not available")),
@@ -440,15 +401,7 @@ fn output_folder_inside_the_input_is_not_read_back() {
     write_images(&inp, 3, 32);
     let out = inp.join("restored");
     for _ in 0..2 {
-        let (code, _, err) = davi(&[
-            "restore",
-            "-m",
-            model.to_str().unwrap(),
-            "-i",
-            inp.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        let (code, _, err) = restore(&model, &inp, &out, &[]);
         assert_eq!(code, 0, "{err}");
         assert!(err.contains("restored 3 of 3"), "{err}");
     }

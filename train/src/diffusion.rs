@@ -167,13 +167,11 @@ pub fn sample(
                     // of a learned-sigma model, else the fixed small one.
                     let mean = posterior_mean(d, &x0, &x, &ts);
                     x = if t > 0 {
-                        let std = match v {
-                            Some(v) => (learned_log_variance(d, &ts, &v) * 0.5).exp(),
-                            None => {
-                                Tensor::from(d.posterior_variance(t).sqrt()).to_device(b.device)
-                            }
-                        };
-                        mean + Tensor::randn_like(&x) * std
+                        let z = Tensor::randn_like(&x);
+                        match v {
+                            Some(v) => mean + z * (learned_log_variance(d, &ts, &v) * 0.5).exp(),
+                            None => mean + z * d.posterior_variance(t).sqrt(),
+                        }
                     } else {
                         mean
                     };

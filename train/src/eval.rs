@@ -43,7 +43,7 @@ pub struct EvalArgs {
     pub device: Device,
     /// Batch size.
     pub batch: usize,
-    /// Posterior samples per measurement for the spread (0: skip), on the first 64 images.
+    /// Posterior samples per measurement for the spread (below 2: skip), on the first 64 images.
     pub samples: usize,
 }
 

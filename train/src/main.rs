@@ -136,7 +136,7 @@ enum Cmd {
         /// DPS's prior (default: the config's train.davi.teacher).
         #[arg(long)]
         teacher: Option<PathBuf>,
-        /// DAVI posterior samples per measurement for the spread report (0: skip).
+        /// DAVI posterior samples per measurement for the spread report (below 2: skip).
         #[arg(long, default_value_t = 8)]
         samples: usize,
         /// Batch size.

@@ -64,6 +64,30 @@ fn train_prior(cfg: &Path, run: &Path, steps: Option<usize>) {
     .unwrap();
 }
 
+/// `n` grey 16x16 images of random black and white pixels, on [-1, 1].
+fn binary_images(n: i64) -> Tensor {
+    Tensor::rand([n, 1, 16, 16], (Kind::Float, Device::Cpu))
+        .gt(0.5)
+        .to_kind(Kind::Float)
+        * 2.0
+        - 1.0
+}
+
+/// The trained weights of the prior run in `run` at `step`.
+fn trained_params(
+    unet: &UNetModel,
+    run: &Path,
+    step: usize,
+) -> std::collections::HashMap<String, Tensor> {
+    checkpoint::load_params(
+        &run.join(format!("ckpt-{step:08}.safetensors")),
+        unet.param_shapes(),
+        Some("model."),
+        Device::Cpu,
+    )
+    .unwrap()
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     f64::try_from((a - b).abs().max()).unwrap()
 }
@@ -72,11 +96,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 fn fixed_loss(unet: &UNetModel, params: std::collections::HashMap<String, Tensor>) -> f64 {
     let d = Diffusion::new(BetaSchedule::Linear, 1000);
     tch::manual_seed(11);
-    let x0 = (Tensor::rand([16, 1, 16, 16], (Kind::Float, Device::Cpu))
-        .gt(0.5)
-        .to_kind(Kind::Float)
-        * 2.0)
-        - 1.0;
+    let x0 = binary_images(16);
     let ts: Vec<usize> = (0..16).map(|i| 50 + i * 60).collect();
     let eps = Tensor::randn_like(&x0);
     let x_t = diffusion::q_sample(&d, &x0, &ts, &eps);
@@ -99,13 +119,7 @@ fn prior_steps_lower_the_loss() {
     let c = DaviConfig::from_file(&cfg).unwrap();
     let unet = UNetModel::new(&c.unet).unwrap();
     let init = ParamSet::init(&unet, 0, Device::Cpu).frozen();
-    let trained = checkpoint::load_params(
-        &run.join("ckpt-00000030.safetensors"),
-        unet.param_shapes(),
-        Some("model."),
-        Device::Cpu,
-    )
-    .unwrap();
+    let trained = trained_params(&unet, &run, 30);
     let (before, after) = (fixed_loss(&unet, init), fixed_loss(&unet, trained));
     assert!(after < 0.8 * before, "loss {before} -> {after}");
     for f in [
@@ -299,11 +313,7 @@ fn twenty_davi_steps_lower_the_data_consistency_loss() {
     };
     let mut tr = trainer(&cfg, hp);
     tch::manual_seed(5);
-    let x0 = (Tensor::rand([8, 1, 16, 16], (Kind::Float, Device::Cpu))
-        .gt(0.5)
-        .to_kind(Kind::Float)
-        * 2.0)
-        - 1.0;
+    let x0 = binary_images(8);
     let cb = TchBackend::new(Default::default(), Device::Cpu);
     let y = davi_train::davi::measure(&tr.implicit.operator, &cb, &x0, 1, 16, 0.05);
     let z = Tensor::randn_like(&x0);
@@ -459,22 +469,12 @@ fn learned_sigma_prior_trains_with_the_hybrid_loss_and_samples() {
     let c = DaviConfig::from_file(&cfg).unwrap();
     let unet = UNetModel::new(&c.unet).unwrap();
     let d = Diffusion::new(BetaSchedule::Linear, 1000);
-    let trained = checkpoint::load_params(
-        &run.join("ckpt-00000030.safetensors"),
-        unet.param_shapes(),
-        Some("model."),
-        Device::Cpu,
-    )
-    .unwrap();
+    let trained = trained_params(&unet, &run, 30);
     let b = TchBackend::new(trained, Device::Cpu);
     // On a fixed batch, the trained variance output gives a lower bound term than the initial
     // one (v = 0) with the same eps: L_vb trains the variance.
     tch::manual_seed(5);
-    let x0 = Tensor::rand([16, 1, 16, 16], (Kind::Float, Device::Cpu))
-        .gt(0.5)
-        .to_kind(Kind::Float)
-        * 2.0
-        - 1.0;
+    let x0 = binary_images(16);
     let ts: Vec<usize> = (0..16).map(|i| i * 60).collect();
     let noise = Tensor::randn_like(&x0);
     let x_t = diffusion::q_sample(&d, &x0, &ts, &noise);
@@ -552,11 +552,7 @@ fn davi_steps_with_the_patchgan_term_train_the_discriminator_and_checkpoint_it()
         [2, 1, 2, 2]
     );
     tch::manual_seed(5);
-    let x0 = (Tensor::rand([8, 1, 16, 16], (Kind::Float, Device::Cpu))
-        .gt(0.5)
-        .to_kind(Kind::Float)
-        * 2.0)
-        - 1.0;
+    let x0 = binary_images(8);
     let mut d = vec![];
     for step in 0..20 {
         let t = tr.step(&x0, step).unwrap();
