@@ -19,10 +19,12 @@ build: setup
 build-runtime: setup-runtime
 	cargo build --release -p davi-runtime
 
-## The test-only Python venv: the PyPI `onnx` package, whose checker the export tests run.
+## The test-only Python venv: the `onnx` package, whose checker the export tests run (pinned by
+## sha256 in scripts/lock/test-venv.txt).
 test-venv:
 	@[ -x .deps/test-venv/bin/python ] && .deps/test-venv/bin/python -c "import onnx" 2>/dev/null || \
-	  (python3 -m venv .deps/test-venv && .deps/test-venv/bin/pip install --quiet "onnx==1.19.*" && echo "test-venv: onnx installed")
+	  (python3 -m venv .deps/test-venv && .deps/test-venv/bin/pip install --quiet --only-binary=:all: --require-hashes \
+	     -r scripts/lock/test-venv.txt && echo "test-venv: onnx installed")
 
 ## Every test: unit and end-to-end tests (release profile: one build serves both), then the parity job.
 test: build test-venv

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-fmnist32-deblur}
 ONNX=models/zoo/$MODEL/model.onnx
-CKPT=${CKPT:-models/zoo/$MODEL/ema.safetensors}   # the weights the ONNX model was exported from
+CKPT=${CKPT:-models/zoo/$MODEL/model.onnx}   # tch reads the same weights from the ONNX model
 ITEMS=${ITEMS:-"1 2 3 4 5 6 7"}                       # which figures of BENCHMARKS.md to make
 on() { [[ " $ITEMS " == *" $1 "* ]]; }
 W=out/bench

@@ -1,7 +1,7 @@
 //! ONNX export of DAVI models from the same model code that trains them.
 //!
 //! [`Recorder`] implements `davi_models::Backend` by recording nodes; [`export_implicit`] runs
-//! `Implicit::restore` on it and writes the graph of `shared/DESIGN.md` section 3: inputs
+//! `Implicit::restore` on it and writes the graph of `docs/DESIGN.md` section 3: inputs
 //! `measurement` and `noise`, output `image`, dynamic batch, weights under the checkpoint's names.
 //! No libtorch here.
 
@@ -58,6 +58,10 @@ pub struct ExportOptions {
     pub static_batch: Option<usize>,
     /// Half-precision weights and compute (inputs and output stay f32).
     pub fp16: bool,
+    /// Half-precision weights, f32 compute: each weight is stored as fp16 and cast to f32 once
+    /// (ONNX Runtime folds the casts at load), which halves the file. The caller rounds the
+    /// weights it computes parity with the same way ([`Weights::round_to_half`]).
+    pub half_weights: bool,
 }
 
 impl Default for ExportOptions {
@@ -66,6 +70,7 @@ impl Default for ExportOptions {
             opset: 17,
             static_batch: None,
             fp16: false,
+            half_weights: false,
         }
     }
 }
@@ -112,6 +117,7 @@ fn assemble(
         )));
     }
     let fp16 = opts.fp16;
+    let half_weights = rec.weights_are_half();
     let last = if fp16 {
         rec.node(
             "Cast",
@@ -137,7 +143,7 @@ fn assemble(
         .map(|name| {
             let t = &weights.tensors[name];
             let v: Vec<f32> = t.iter().copied().collect();
-            recorder::float_tensor(name, t.shape(), &v, fp16)
+            recorder::float_tensor(name, t.shape(), &v, half_weights)
         })
         .collect();
     initializer.extend(rec_done.constants);
@@ -209,7 +215,7 @@ pub fn export_implicit(
     metadata: &[(String, String)],
 ) -> Result<ModelProto, ExportError> {
     weights.check(model.unet.param_shapes(), "checkpoint")?;
-    let rec = Recorder::new(weights, opts.fp16);
+    let rec = Recorder::new(weights, opts.fp16).with_half_weights(opts.half_weights);
     let (vars, casts) = input_casts(&["measurement", "noise"], opts.fp16);
     let out = model.restore(&rec, &vars[0], &vars[1])?;
     let n = opts.static_batch.map(|b| b as i64);
@@ -246,7 +252,7 @@ pub fn export_unet(
     opts: &ExportOptions,
 ) -> Result<ModelProto, ExportError> {
     weights.check(unet.param_shapes(), "checkpoint")?;
-    let rec = Recorder::new(weights, opts.fp16);
+    let rec = Recorder::new(weights, opts.fp16).with_half_weights(opts.half_weights);
     let (vars, casts) = input_casts(&["x"], opts.fp16);
     let out = unet.forward(&rec, &vars[0], timesteps, None)?;
     let c = &unet.config;

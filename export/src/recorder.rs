@@ -11,6 +11,16 @@ use ndarray::ArrayD;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Whether an initializer name is one of the recorder's own constants (`const_N`,
+/// `const_i64_N`, `const_f32_N`: [`Recorder`]'s fresh names), not a network weight (weights keep
+/// guided-diffusion's dotted names).
+pub fn is_constant_name(name: &str) -> bool {
+    name.strip_prefix("const_").is_some_and(|rest| {
+        let n = rest.rsplit('_').next().unwrap_or(rest);
+        !rest.contains('.') && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
 /// A value of the recorded graph: the name of an ONNX tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Var(pub String);
@@ -20,6 +30,8 @@ struct State {
     nodes: Vec<NodeProto>,
     constants: Vec<TensorProto>,
     used: BTreeSet<String>,
+    /// The f32 value of each half-stored weight, once cast.
+    cast: BTreeMap<String, Var>,
     counter: BTreeMap<String, usize>,
 }
 
@@ -27,6 +39,9 @@ struct State {
 pub struct Recorder<'w> {
     weights: &'w Weights,
     fp16: bool,
+    /// Weights stored in half precision and cast to f32 once, where they are first used (the
+    /// compute stays f32; ONNX Runtime folds the casts at load).
+    half_weights: bool,
     state: RefCell<State>,
 }
 
@@ -46,8 +61,21 @@ impl<'w> Recorder<'w> {
         Self {
             weights,
             fp16,
+            half_weights: false,
             state: RefCell::new(State::default()),
         }
+    }
+
+    /// Stores the weights in half precision and casts each to f32 where it is first used (for an
+    /// f32 recording; an fp16 recording stores and computes in half anyway).
+    pub fn with_half_weights(mut self, half: bool) -> Self {
+        self.half_weights = half && !self.fp16;
+        self
+    }
+
+    /// Whether the weights' initializers are half precision.
+    pub fn weights_are_half(&self) -> bool {
+        self.fp16 || self.half_weights
     }
 
     /// The float element type of this recording.
@@ -148,7 +176,22 @@ impl Backend for Recorder<'_> {
             return Err(Error::MissingParam(name.to_string()));
         }
         self.state.borrow_mut().used.insert(name.to_string());
-        Ok(Var(name.to_string()))
+        if !self.half_weights {
+            return Ok(Var(name.to_string()));
+        }
+        if let Some(v) = self.state.borrow().cast.get(name) {
+            return Ok(v.clone());
+        }
+        let v = self.node(
+            "Cast",
+            &[name],
+            vec![AttributeProto::int("to", data_type::FLOAT as i64)],
+        );
+        self.state
+            .borrow_mut()
+            .cast
+            .insert(name.to_string(), v.clone());
+        Ok(v)
     }
     fn constant(&self, value: ArrayD<f32>) -> Var {
         let v: Vec<f32> = value.iter().copied().collect();

@@ -21,7 +21,7 @@ pub struct Parity {
     pub pass: bool,
 }
 
-/// Tolerance of `shared/DESIGN.md` section 3 for fp32 execution.
+/// Tolerance of `docs/DESIGN.md` section 3 for fp32 execution.
 pub const FP32_MAX_ABS: f64 = 1e-4;
 /// Tolerance for fp16 / TensorRT.
 pub const FP16_MIN_PSNR: f64 = 40.0;

@@ -10,18 +10,32 @@ pub fn root() -> PathBuf {
         .expect("workspace root")
 }
 
-/// The fixture folder: `DAVI_FIXTURES`, else `shared/fixtures` beside the checkout.
+/// The fixture folder of the repository (`tests/fixtures`, see its README).
 pub fn fixtures() -> PathBuf {
-    if let Some(p) = std::env::var_os("DAVI_FIXTURES") {
-        return PathBuf::from(p);
-    }
-    let p = root().join("../shared/fixtures");
-    assert!(
-        p.is_dir(),
-        "fixtures not found at {} (set DAVI_FIXTURES)",
-        p.display()
-    );
-    p
+    root().join("tests/fixtures")
+}
+
+/// The guided-diffusion fixture's weights, brought in from its `torch.save` checkpoint by
+/// `davi-train import` (the path a published checkpoint takes), once per test process.
+pub fn fixture_weights() -> PathBuf {
+    static ONCE: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    let (_, p) = ONCE.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = dir.path().join("adm_rgb32.safetensors");
+        let fx = fixtures().join("guided-diffusion");
+        let st = std::process::Command::new(bin("davi-train"))
+            .arg("import")
+            .arg(fx.join("adm_rgb32.pt"))
+            .arg("--config")
+            .arg(fx.join("adm_rgb32.config.json"))
+            .arg("--output")
+            .arg(&out)
+            .status()
+            .expect("davi-train import runs");
+        assert!(st.success(), "davi-train import of the fixture failed");
+        (dir, out)
+    });
+    p.clone()
 }
 
 /// A release binary of the workspace (built by `make test` before the tests run).

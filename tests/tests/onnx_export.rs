@@ -3,7 +3,7 @@
 use davi_export::{export_operator, export_unet, write_model, ExportOptions, Weights};
 use davi_models::{Operator, UNetConfig, UNetModel};
 use davi_runtime::model::{session, ModelSource, SessionOptions};
-use davi_tests::fixtures;
+use davi_tests::{fixture_weights, fixtures};
 use ndarray::{ArrayD, IxDyn};
 use ort::value::TensorRef;
 
@@ -11,7 +11,7 @@ fn fixture() -> (UNetModel, Weights, Weights) {
     let dir = fixtures().join("guided-diffusion");
     let cfg = UNetConfig::from_file(&dir.join("adm_rgb32.config.json")).unwrap();
     let unet = UNetModel::new(&cfg).unwrap();
-    let w = Weights::load(&dir.join("adm_rgb32.weights.safetensors")).unwrap();
+    let w = Weights::load(&fixture_weights()).unwrap();
     let io = Weights::load(&dir.join("adm_rgb32.io.safetensors")).unwrap();
     (unet, w, io)
 }
@@ -97,6 +97,50 @@ fn external_data_model_loads_and_matches() {
     let out = s.run(ort::inputs!["x" => t]).unwrap();
     let out = out["output"].try_extract_array::<f32>().unwrap().to_owned();
     assert!(max_abs(&out, &io.tensors["output"]) <= 1e-4);
+    // The weights read back from the model and its external data are the checkpoint's.
+    let back = Weights::load(&path).unwrap();
+    assert_eq!(back.tensors.len(), w.tensors.len());
+    for (k, v) in &w.tensors {
+        assert_eq!(&back.tensors[k], v, "{k}");
+    }
+}
+
+#[test]
+fn half_weights_are_stored_in_fp16_and_computed_in_f32() {
+    let (unet, w, io) = fixture();
+    let ts: Vec<f32> = io.tensors["timesteps"].iter().copied().collect();
+    let export = |half_weights, w: &Weights| {
+        let opts = ExportOptions {
+            static_batch: Some(2),
+            half_weights,
+            ..Default::default()
+        };
+        davi_export::to_bytes(&export_unet(&unet, w, &ts, &opts).unwrap())
+    };
+    let full = export(false, &w);
+    let half = export(true, &w);
+    assert!(
+        (half.len() as f64) < 0.55 * full.len() as f64,
+        "{} vs {} bytes",
+        half.len(),
+        full.len()
+    );
+    let x = &io.tensors["x"];
+    let out_half = run(&half, "x", x, "output");
+    // Exactly what the f32 graph computes from the rounded weights.
+    let rounded = w.clone().round_to_half();
+    let out_rounded = run(&export(false, &rounded), "x", x, "output");
+    assert!(max_abs(&out_half, &out_rounded) <= 1e-5);
+    assert!(max_abs(&out_half, &io.tensors["output"]) <= 5e-2);
+    // Reading the half model gives the rounded weights, and re-exporting them the same bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("half.onnx");
+    std::fs::write(&p, &half).unwrap();
+    let back = Weights::load(&p).unwrap();
+    for (k, v) in &rounded.tensors {
+        assert_eq!(&back.tensors[k], v, "{k}");
+    }
+    assert!(export(true, &back) == half, "a re-export changed the bytes");
 }
 
 #[test]
@@ -285,10 +329,18 @@ fn exported_graphs_use_only_what_the_tensorrt_10_parser_takes() {
         let g = m.graph.as_ref().unwrap();
         let init: std::collections::HashSet<&str> =
             g.initializer.iter().map(|t| t.name.as_str()).collect();
+        // Weights stored in fp16 reach their op through one Cast of the initializer, a
+        // constant expression that the parsers fold.
+        let cast_of_init: std::collections::HashSet<&str> = g
+            .node
+            .iter()
+            .filter(|n| n.op_type == "Cast" && init.contains(n.input[0].as_str()))
+            .map(|n| n.output[0].as_str())
+            .collect();
         let must_be_init = |n: &davi_export::proto::NodeProto, i: usize| {
             if let Some(name) = n.input.get(i).filter(|s| !s.is_empty()) {
                 assert!(
-                    init.contains(name.as_str()),
+                    init.contains(name.as_str()) || cast_of_init.contains(name.as_str()),
                     "{}: {} input {i} '{name}' is not an initializer",
                     p.display(),
                     n.name

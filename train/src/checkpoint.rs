@@ -5,14 +5,37 @@ use std::collections::HashMap;
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-/// Reads every tensor of a safetensors file onto `device` as f32.
+/// Reads every tensor of a safetensors file onto `device` as f32; an exported `.onnx` model
+/// gives its weights (the zoo ships each task model's weights once, inside its ONNX file).
 pub fn load_tensors(path: &Path, device: Device) -> Result<HashMap<String, Tensor>> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+    {
+        let w = davi_export::Weights::load(path)?;
+        return Ok(tensors_from_weights(&w, device));
+    }
     let list = Tensor::read_safetensors(path)
         .with_context(|| format!("{}: cannot read safetensors", path.display()))?;
     Ok(list
         .into_iter()
         .map(|(k, t)| (k, t.to_kind(Kind::Float).to_device(device)))
         .collect())
+}
+
+/// The tensors of `davi_export::Weights` on `device` (f32).
+pub fn tensors_from_weights(w: &davi_export::Weights, device: Device) -> HashMap<String, Tensor> {
+    w.tensors
+        .iter()
+        .map(|(k, v)| {
+            let shape: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
+            let data: Vec<f32> = v.iter().copied().collect();
+            (
+                k.clone(),
+                Tensor::from_slice(&data).reshape(&shape).to_device(device),
+            )
+        })
+        .collect()
 }
 
 /// Reads the weights of a network from a checkpoint, checked against the names and shapes it

@@ -12,7 +12,8 @@ use tch::{Device, Tensor};
 
 /// What `export` was asked.
 pub struct ExportArgs {
-    /// DAVI checkpoint (run checkpoint: its `ema.` weights; or plain weights).
+    /// DAVI checkpoint (run checkpoint: its `ema.` weights; plain weights; or an exported
+    /// `model.onnx`, whose re-export is byte-identical).
     pub checkpoint: PathBuf,
     /// The model config.
     pub config: PathBuf,
@@ -51,7 +52,11 @@ pub fn metadata(cfg: &DaviConfig) -> Result<Vec<(String, String)>> {
 pub fn export(args: &ExportArgs) -> Result<PathBuf> {
     let cfg = DaviConfig::from_file(&args.config)?;
     let implicit = Implicit::new(&cfg)?;
-    let weights = Weights::load(&args.checkpoint)?.strip_prefix("ema.");
+    let mut weights = Weights::load(&args.checkpoint)?.strip_prefix("ema.");
+    if args.options.half_weights {
+        // Parity is computed with the very values the model stores.
+        weights = weights.round_to_half();
+    }
     weights
         .check(
             implicit.unet.param_shapes(),
@@ -89,13 +94,10 @@ pub fn export(args: &ExportArgs) -> Result<PathBuf> {
                 - 1.0
         }
     };
-    let params = checkpoint::load_params(
-        &args.checkpoint,
-        implicit.unet.param_shapes(),
-        Some("ema."),
+    let b = TchBackend::new(
+        checkpoint::tensors_from_weights(&weights, Device::Cpu),
         Device::Cpu,
-    )?;
-    let b = TchBackend::new(params, Device::Cpu);
+    );
     tch::manual_seed(args.seed);
     let (y, z, out) = tch::no_grad(|| -> Result<(Tensor, Tensor, Tensor)> {
         let y = measure(&implicit.operator, &b, &x0, c, s, task.sigma_y).clamp(-1.0, 1.0);

@@ -97,6 +97,10 @@ enum Cmd {
         /// Half-precision weights and compute (for the CUDA EP; TensorRT builds fp16 itself).
         #[arg(long)]
         fp16: bool,
+        /// Store the weights in fp16, compute in f32 (half the file; parity and evaluation use
+        /// the same rounded weights). The zoo ships its models this way.
+        #[arg(long)]
+        half_weights: bool,
         /// Write the weights as ONNX external data (automatic above 2 GB).
         #[arg(long)]
         external_data: bool,
@@ -201,9 +205,10 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Convert a PyTorch checkpoint (`torch.save` zip) to safetensors without running pickle code.
+    /// Convert a PyTorch checkpoint (`torch.save` zip) to safetensors without running pickle code
+    /// (a safetensors input is rewritten, e.g. with `--half`).
     Import {
-        /// The `.pt` file.
+        /// The `.pt` (or `.safetensors`) file.
         input: PathBuf,
         /// Output safetensors file.
         #[arg(short, long)]
@@ -211,6 +216,9 @@ enum Cmd {
         /// Check the names and shapes against a UNet config.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Store f32 tensors as fp16 (how the zoo ships its priors; loaders compute in f32).
+        #[arg(long)]
+        half: bool,
     },
     /// Write images of a config's data set as PNG files (e.g. held-out test images).
     Images {
@@ -343,6 +351,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opset,
             static_batch,
             fp16,
+            half_weights,
             external_data,
             k,
             ort_lib,
@@ -355,6 +364,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     opset,
                     static_batch,
                     fp16,
+                    half_weights,
                 },
                 external_data,
                 k,
@@ -549,8 +559,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             input,
             output,
             config,
+            half,
         } => {
-            let tensors = davi_train::pt::read_pt(&input)?;
+            let mut tensors = if input
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+            {
+                davi_train::pt::read_safetensors(&input)?
+            } else {
+                davi_train::pt::read_pt(&input)?
+            };
+            if half {
+                davi_train::pt::to_half(&mut tensors);
+            }
             if let Some(c) = config {
                 let unet = UNetModel::new(&UNetConfig::from_file(&c)?)?;
                 let found: Vec<(String, Vec<usize>)> = tensors

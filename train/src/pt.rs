@@ -491,3 +491,38 @@ pub fn write_safetensors(tensors: &BTreeMap<String, RawTensor>, path: &Path) -> 
     let bytes = safetensors::serialize(views, None)?;
     crate::run::write_atomic(path, &bytes)
 }
+
+/// Reads every tensor of a safetensors file as it is stored.
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, RawTensor>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                RawTensor {
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    data: v.data().to_vec(),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Rounds every f32 tensor to fp16 (round to nearest even); other dtypes stay.
+pub fn to_half(tensors: &mut BTreeMap<String, RawTensor>) {
+    for t in tensors.values_mut().filter(|t| t.dtype == Dtype::F32) {
+        t.data = t
+            .data
+            .chunks_exact(4)
+            .flat_map(|c| {
+                half::f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes()
+            })
+            .collect();
+        t.dtype = Dtype::F16;
+    }
+}

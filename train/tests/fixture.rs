@@ -1,22 +1,28 @@
-//! The guided-diffusion fixture (shared/fixtures/guided-diffusion) reproduced by our UNet on tch.
+//! The guided-diffusion fixture (`tests/fixtures/guided-diffusion`) reproduced by our UNet on tch.
 
 use davi_models::{UNetConfig, UNetModel};
 use davi_train::{backend::array_from_tensor, checkpoint, TchBackend};
 use std::path::PathBuf;
 use tch::Device;
 
-/// The fixture folder: `DAVI_FIXTURES`, else `shared/fixtures` beside the checkout.
+/// The repository's fixture folder.
 pub fn fixtures() -> PathBuf {
-    if let Some(p) = std::env::var_os("DAVI_FIXTURES") {
-        return PathBuf::from(p);
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures");
-    assert!(
-        p.is_dir(),
-        "fixtures not found at {} (set DAVI_FIXTURES)",
-        p.display()
-    );
-    p
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// The fixture's weights as safetensors, converted from its `.pt` by our reader (once per
+/// process); the `.pt` test below checks that reader tensor by tensor.
+fn fixture_weights() -> PathBuf {
+    static ONCE: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    let (_, p) = ONCE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("adm_rgb32.safetensors");
+        let pt =
+            davi_train::pt::read_pt(&fixtures().join("guided-diffusion/adm_rgb32.pt")).unwrap();
+        davi_train::pt::write_safetensors(&pt, &out).unwrap();
+        (dir, out)
+    });
+    p.clone()
 }
 
 fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
@@ -28,13 +34,9 @@ fn fixture_unet_reproduces_reference_from_safetensors() {
     let dir = fixtures().join("guided-diffusion");
     let cfg = UNetConfig::from_file(&dir.join("adm_rgb32.config.json")).unwrap();
     let unet = UNetModel::new(&cfg).unwrap();
-    let params = checkpoint::load_params(
-        &dir.join("adm_rgb32.weights.safetensors"),
-        unet.param_shapes(),
-        None,
-        Device::Cpu,
-    )
-    .unwrap();
+    let params =
+        checkpoint::load_params(&fixture_weights(), unet.param_shapes(), None, Device::Cpu)
+            .unwrap();
     let io = checkpoint::load_tensors(&dir.join("adm_rgb32.io.safetensors"), Device::Cpu).unwrap();
     let ts: Vec<f32> = array_from_tensor(&io["timesteps"])
         .iter()
@@ -55,14 +57,9 @@ fn wrong_weights_are_named() {
     cfg.use_scale_shift_norm = false; // emb_layers.1 is then half as wide
     cfg.channel_mult = vec![1, 1, 2];
     let unet = UNetModel::new(&cfg).unwrap();
-    let err = checkpoint::load_params(
-        &dir.join("adm_rgb32.weights.safetensors"),
-        unet.param_shapes(),
-        None,
-        Device::Cpu,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = checkpoint::load_params(&fixture_weights(), unet.param_shapes(), None, Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("mis-shaped keys: ") && err.contains("emb_layers.1.weight"),
         "{err}"
@@ -74,18 +71,26 @@ fn wrong_weights_are_named() {
 }
 
 #[test]
-fn fixture_pt_loads_without_pickle_and_matches_safetensors() {
+fn fixture_pt_loads_without_pickle_and_round_trips_through_safetensors() {
     let dir = fixtures().join("guided-diffusion");
     let pt = davi_train::pt::read_pt(&dir.join("adm_rgb32.pt")).unwrap();
-    let st =
-        checkpoint::load_tensors(&dir.join("adm_rgb32.weights.safetensors"), Device::Cpu).unwrap();
-    assert_eq!(pt.len(), st.len());
+    let cfg = UNetConfig::from_file(&dir.join("adm_rgb32.config.json")).unwrap();
+    assert_eq!(pt.len(), UNetModel::new(&cfg).unwrap().param_shapes().len());
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("w.safetensors");
     davi_train::pt::write_safetensors(&pt, &out).unwrap();
     let back = checkpoint::load_tensors(&out, Device::Cpu).unwrap();
-    for (k, t) in &st {
-        assert_eq!(max_abs_diff(t, &back[k]), 0.0, "{k}");
+    assert_eq!(back.len(), pt.len());
+    for (k, raw) in &pt {
+        assert_eq!(raw.dtype, safetensors::Dtype::F32, "{k}");
+        let want: Vec<f32> = raw
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let got: Vec<f32> = array_from_tensor(&back[k]).iter().copied().collect();
+        assert_eq!(got, want, "{k}");
+        assert!(want.iter().any(|&v| v != 0.0), "{k} is all zero");
     }
     // And the UNet run from the imported weights reproduces the reference.
     let cfg = UNetConfig::from_file(&dir.join("adm_rgb32.config.json")).unwrap();

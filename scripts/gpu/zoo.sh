@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Trains the Fashion-MNIST zoo (prior + four DAVI task models, `scripts/zoo.sh STAGE=train`) on a
 # GPU machine with torch 2.11.0+cu130 at /opt/torch/.venv and no Rust or network.
-# Here:   scripts/gpu-zoo.sh --prepare   copies davi-train and the Fashion-MNIST IDX files to out/gpu-zoo
+# Here:   scripts/gpu/zoo.sh --prepare   copies davi-train and the Fashion-MNIST IDX files to out/gpu-zoo
 #                                        (carry out/gpu-zoo)
-# There:  scripts/gpu-zoo.sh OUT_DIR     trains, and copies the EMA weights, sample grid and a tar of
+# There:  scripts/gpu/zoo.sh OUT_DIR     trains, and copies the EMA weights, sample grid and a tar of
 #                                        the run folders' metrics to OUT_DIR
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 if [ "${1:-}" = "--prepare" ]; then
   cargo build --release -p davi-train
   rm -rf out/gpu-zoo && mkdir -p out/gpu-zoo
   cp target/release/davi-train /usr/share/datasets/fashion-mnist/*-images-idx3-ubyte.gz out/gpu-zoo/
   exit 0
 fi
-OUT=${1:?usage: scripts/gpu-zoo.sh OUT_DIR}
+OUT=${1:?usage: scripts/gpu/zoo.sh OUT_DIR}
 mkdir -p "$OUT" /usr/share/datasets/fashion-mnist target/release
 cp out/gpu-zoo/*.gz /usr/share/datasets/fashion-mnist/
 cp out/gpu-zoo/davi-train target/release/

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # CUDA check for a GPU machine (torch 2.11.0+cu130 at /opt/torch/.venv, no Rust, no network).
-# Here:   scripts/gpu-check.sh --prepare    builds davi-train and writes 512 Fashion-MNIST test
+# Here:   scripts/gpu/train-check.sh --prepare    builds davi-train and writes 512 Fashion-MNIST test
 #                                           images to out/gpu-check/data (carry target/release/davi-train
 #                                           and out/gpu-check to the GPU machine)
-# There:  scripts/gpu-check.sh [OUT_DIR]    points the carried binary at that torch's libraries, trains
+# There:  scripts/gpu/train-check.sh [OUT_DIR]    points the carried binary at that torch's libraries, trains
 #                                           the shipped prior config on CUDA and on the CPU, a few DAVI
 #                                           steps on CUDA, and prints steps/s for each.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 if [ "${1:-}" = "--prepare" ]; then
   cargo build --release -p davi-train
   rm -rf out/gpu-check && mkdir -p out/gpu-check
