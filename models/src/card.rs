@@ -58,11 +58,26 @@ pub enum DataConfig {
         #[serde(default = "fmnist_dir")]
         dir: String,
     },
-    /// Random crops of the scikit-image sample photos.
+    /// Random crops of photographs (by default the scikit-image sample photos), each downscaled
+    /// by `downscale` first so that a crop holds a part of a scene, not a few pixels.
     Photos {
         /// Folder of the photos.
         #[serde(default = "photos_dir")]
         dir: String,
+        /// More folders of photos (e.g. `.deps/data/wallpapers`, the photographs of Debian's
+        /// `plasma-workspace-wallpapers`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        extra_dirs: Vec<String>,
+        /// Photos held out whole for the test split, by file stem (no scene shared with
+        /// training). Empty: every photo gives its left 80% to training and its right 20% to test.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        test_photos: Vec<String>,
+        /// Downscaling factor applied to each photo before cropping.
+        #[serde(
+            default = "photos_downscale",
+            skip_serializing_if = "is_default_downscale"
+        )]
+        downscale: u32,
     },
     /// Any folder of images, resized and centre-cropped.
     Folder {
@@ -76,6 +91,12 @@ fn fmnist_dir() -> String {
 }
 fn photos_dir() -> String {
     ".deps/data/skimage".into()
+}
+fn photos_downscale() -> u32 {
+    4
+}
+fn is_default_downscale(d: &u32) -> bool {
+    *d == photos_downscale()
 }
 
 /// A whole model config, as in `models/configs/*.yaml`.

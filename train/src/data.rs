@@ -176,30 +176,55 @@ impl Dataset {
                 }
                 (Source::Memory(v), n, format!("fashion-mnist {split:?}"))
             }
-            DataConfig::Photos { dir } => {
-                // Each photo, downscaled by 4 (so a crop holds a scene part, not a few pixels),
-                // gives its left 80% to training and its right 20% to the test split.
-                let files = list_images(Path::new(dir))?;
-                if files.is_empty() {
-                    bail!("{dir}: no photos (scripts/setup extracts the scikit-image sample photos there)");
+            DataConfig::Photos {
+                dir,
+                extra_dirs,
+                test_photos,
+                downscale,
+            } => {
+                // Each photo is downscaled (so a crop holds a scene part, not a few pixels). With
+                // `test_photos`, those photos form the test split whole and the others train;
+                // without, each photo gives its left 80% to training and its right 20% to test.
+                let mut files = Vec::new();
+                for d in std::iter::once(dir).chain(extra_dirs) {
+                    let found = list_images(Path::new(d))?;
+                    if found.is_empty() {
+                        bail!("{d}: no photos (scripts/setup installs the photo sets under .deps/data)");
+                    }
+                    files.extend(found);
                 }
+                let stem = |f: &Path| f.file_stem().map(|s| s.to_string_lossy().to_string());
+                for t in test_photos {
+                    if !files.iter().any(|f| stem(f).as_deref() == Some(t.as_str())) {
+                        bail!("test photo '{t}' is in none of the photo folders");
+                    }
+                }
+                let k = (*downscale).max(1);
                 let mut photos = Vec::new();
                 for f in files {
+                    let held_out = stem(&f).is_some_and(|s| test_photos.contains(&s));
+                    if !test_photos.is_empty() && held_out != (split == Split::Test) {
+                        continue;
+                    }
                     let img = image::open(&f)
                         .with_context(|| format!("{}: cannot decode", f.display()))?;
                     if c == 3 && !img.color().has_color() {
                         continue;
                     }
                     let img = img.resize(
-                        img.width() / 4,
-                        img.height() / 4,
+                        img.width() / k,
+                        img.height() / k,
                         image::imageops::FilterType::Lanczos3,
                     );
                     let (w, h) = (img.width(), img.height());
-                    let cut = w * 4 / 5;
-                    let part = match split {
-                        Split::Train => img.crop_imm(0, 0, cut, h),
-                        Split::Test => img.crop_imm(cut, 0, w - cut, h),
+                    let part = if !test_photos.is_empty() {
+                        img
+                    } else {
+                        let cut = w * 4 / 5;
+                        match split {
+                            Split::Train => img.crop_imm(0, 0, cut, h),
+                            Split::Test => img.crop_imm(cut, 0, w - cut, h),
+                        }
                     };
                     if (part.width() as usize) < s || (part.height() as usize) < s {
                         continue;
@@ -366,5 +391,46 @@ mod tests {
         assert_eq!(v.len(), 3 * 32 * 32);
         assert!((v[0] - 1.0).abs() < 1e-6 && (v[32 * 32] + 1.0).abs() < 1e-6);
         assert_eq!(ds.skipped.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn held_out_photos_form_the_test_split_whole() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        // Solid colours tell the photos apart: red and green train, blue is held out.
+        let solid = |dir: &Path, name: &str, rgb: [u8; 3]| {
+            image::RgbImage::from_pixel(160, 160, image::Rgb(rgb))
+                .save(dir.join(name))
+                .unwrap();
+        };
+        solid(a.path(), "red.png", [255, 0, 0]);
+        solid(a.path(), "green.png", [0, 255, 0]);
+        solid(b.path(), "blue.png", [0, 0, 255]);
+        let cfg = |test: &[&str]| DataConfig::Photos {
+            dir: a.path().display().to_string(),
+            extra_dirs: vec![b.path().display().to_string()],
+            test_photos: test.iter().map(|s| s.to_string()).collect(),
+            downscale: 4,
+        };
+        let blue = |v: &[f32]| v[2 * 32 * 32] > 0.9 && v[0] < -0.9;
+        let test = Dataset::open(&cfg(&["blue"]), Split::Test, 3, 32, false).unwrap();
+        let train = Dataset::open(&cfg(&["blue"]), Split::Train, 3, 32, false).unwrap();
+        for i in 0..50 {
+            assert!(
+                blue(&test.get(i).unwrap()),
+                "test crop {i} is not from the held-out photo"
+            );
+            assert!(
+                !blue(&train.get(i).unwrap()),
+                "train crop {i} is from the held-out photo"
+            );
+        }
+        let err = format!(
+            "{:#}",
+            Dataset::open(&cfg(&["purple"]), Split::Test, 3, 32, false)
+                .err()
+                .unwrap()
+        );
+        assert!(err.contains("purple"), "{err}");
     }
 }
