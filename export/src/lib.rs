@@ -346,8 +346,12 @@ pub fn write_model(
 /// Reads a model's protobuf (not its external data).
 pub fn read_model(path: &Path) -> Result<ModelProto, ExportError> {
     let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
-    ModelProto::decode(bytes.as_slice())
-        .map_err(|e| io_err(path, format!("not an ONNX model: {e}")))
+    let m = ModelProto::decode(bytes.as_slice())
+        .map_err(|e| io_err(path, format!("not an ONNX model: {e}")))?;
+    if m.graph.is_none() {
+        return Err(io_err(path, "not an ONNX model: it has no graph"));
+    }
+    Ok(m)
 }
 
 /// Count of each op type in the graph.

@@ -71,8 +71,9 @@ pub fn restore(
         samples: 1,
         follow_symlinks: false,
         progress: false,
+        max_pixels: crate::images::DEFAULT_MAX_PIXELS,
     };
-    let r = pipeline::restore(model, &opts);
+    let r = pipeline::restore(model, &opts, None);
     let _ = std::fs::remove_dir_all(&out);
     r
 }

@@ -3,13 +3,13 @@
 
 use crate::images::{self, Format};
 use crate::model::{session, ModelSource, SessionOptions};
-use crate::pipeline::{noise, Failure, Report};
+use crate::pipeline::{noise, Report, RestoreOptions};
 use crate::RuntimeError;
 use davi_models::Operator;
 use ndarray::{Array4, Axis};
 use ort::value::TensorRef;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// What `degrade` does.
@@ -30,45 +30,47 @@ pub struct DegradeOptions {
     pub seed: u64,
 }
 
-fn list(input: &Path) -> Result<Vec<(PathBuf, PathBuf)>, RuntimeError> {
-    if input.is_file() {
-        return Ok(vec![(
-            input.to_path_buf(),
-            PathBuf::from(input.file_name().unwrap_or_default()),
-        )]);
-    }
-    let mut v = Vec::new();
-    for e in walkdir::WalkDir::new(input).sort_by_file_name() {
-        let e = e.map_err(|e| RuntimeError::io(input, e))?;
-        if e.file_type().is_file() && images::is_image_path(e.path()) {
-            let rel = e
-                .path()
-                .strip_prefix(input)
-                .unwrap_or(e.path())
-                .to_path_buf();
-            v.push((e.path().to_path_buf(), rel));
-        }
-    }
-    Ok(v)
-}
-
 /// Degrades every image; per-file problems are counted in the report.
 pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, RuntimeError> {
     let start = Instant::now();
+    if let Some(s) = opts.sigma_y {
+        if !s.is_finite() || s < 0.0 {
+            return Err(RuntimeError::Usage(format!(
+                "--sigma-y {s}: the measurement noise must be a finite number >= 0"
+            )));
+        }
+    }
     let mut report = Report::default();
     let mut sessions: HashMap<(usize, usize), (ort::session::Session, Operator)> = HashMap::new();
-    let files = list(&opts.input)?;
-    report.found = files.len();
-    for (path, rel) in files {
-        let fail = |report: &mut Report, reason: String| {
-            report.failed.push(Failure {
-                path: path.display().to_string(),
-                reason,
-            })
-        };
+    // The same listing, naming and no-overwrite rules as `restore`.
+    let plan_opts = RestoreOptions {
+        input: opts.input.clone(),
+        output: opts.output.clone(),
+        format: Format::Png,
+        batch: 1,
+        seed: opts.seed,
+        skip_existing: false,
+        shard: None,
+        samples: 1,
+        follow_symlinks: false,
+        progress: false,
+        max_pixels: images::DEFAULT_MAX_PIXELS,
+    };
+    let (jobs, ignored) = crate::pipeline::plan(&plan_opts, None)?;
+    report.found = jobs.len();
+    report.ignored = ignored;
+    std::fs::create_dir_all(&opts.output).map_err(|e| RuntimeError::io(&opts.output, e))?;
+    crate::paths::remove_stale_temporaries(&opts.output);
+    for job in &jobs {
+        let (path, rel) = (&job.path, &job.rel);
+        let fail = |report: &mut Report, reason: String| report.failed.push(job.failure(reason));
+        if let Some(p) = &job.problem {
+            fail(&mut report, p.clone());
+            continue;
+        }
         let c = match opts.channels {
             Some(c) => c,
-            None => match image::open(&path) {
+            None => match image::open(path) {
                 Ok(img) if img.color().has_color() => 3,
                 Ok(_) => 1,
                 Err(e) => {
@@ -77,7 +79,7 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
                 }
             },
         };
-        let x = match images::load(&path, c, None) {
+        let x = match images::load(path, c, None) {
             Ok(x) => x,
             Err(r) => {
                 fail(&mut report, r);
@@ -133,13 +135,13 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
                 reason: e.to_string(),
             })?
             .to_owned();
-        let n = noise(opts.seed, "measurement", &rel, 0, y.len());
+        let n = noise(opts.seed, "measurement", rel, 0, y.len());
         y.iter_mut().zip(n).for_each(|(v, z)| *v += sigma_y * z);
         let y3 = y
             .index_axis_move(Axis(0), 0)
             .into_dimensionality::<ndarray::Ix3>()
             .expect("rank 3");
-        let dst = crate::pipeline::output_path(&opts.output, &rel, Format::Png, "");
+        let dst = job.output(&opts.output, Format::Png, "");
         match images::encode(y3.view(), Format::Png).and_then(|b| images::write_atomic(&dst, &b)) {
             Ok(()) => report.restored += 1,
             Err(r) => fail(&mut report, r),

@@ -37,31 +37,73 @@ impl Format {
     }
 }
 
+/// The largest image `davi` decodes unless told otherwise (`--max-pixels`).
+pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
+
 /// Decodes an image file to `[c, h, w]` in [-1, 1] with `c` channels (1: grey as the channel mean,
 /// the colorization operator's `H`; 3: RGB). Alpha is dropped; 16-bit and float inputs keep
-/// their precision until the conversion. `Err` is the reason, for the report.
+/// their precision until the conversion. `Err` is the reason, for the report. Images above
+/// [`DEFAULT_MAX_PIXELS`] are refused from their header, before decoding.
 pub fn load(
     path: &Path,
     c: usize,
     expect_hw: Option<(usize, usize)>,
 ) -> Result<Array3<f32>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-    if bytes.is_empty() {
+    load_limited(path, c, expect_hw, DEFAULT_MAX_PIXELS)
+}
+
+/// [`load`] with a pixel limit: the header is read first, and an image larger than
+/// `max_pixels` (or not of `expect_hw`) is refused without decoding it.
+pub fn load_limited(
+    path: &Path,
+    c: usize,
+    expect_hw: Option<(usize, usize)>,
+    max_pixels: u64,
+) -> Result<Array3<f32>, String> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read: {e}"))?
+        .len();
+    if len == 0 {
         return Err("empty file".into());
     }
-    let img = image::ImageReader::new(std::io::Cursor::new(&bytes))
-        .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?
-        .decode()
+    // No format stores fewer than one bit per pixel... but a compressed one can store far fewer
+    // bytes than pixels; the file's size only bounds what reading it costs.
+    if len > max_pixels.saturating_mul(16).saturating_add(1 << 20) {
+        return Err(format!(
+            "file of {len} bytes is larger than any image of at most {max_pixels} pixels"
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(&bytes))
+            .with_guessed_format()
+            .map_err(|e| format!("cannot read: {e}"))
+    };
+    let (w, h) = reader()?
+        .into_dimensions()
         .map_err(|e| format!("cannot decode: {e}"))?;
-    let (w, h) = (img.width() as usize, img.height() as usize);
+    let pixels = w as u64 * h as u64;
+    if pixels > max_pixels {
+        return Err(format!(
+            "{w}x{h} is {pixels} pixels, more than --max-pixels {max_pixels}; not decoded"
+        ));
+    }
     if let Some((eh, ew)) = expect_hw {
-        if (h, w) != (eh, ew) {
+        if (h as usize, w as usize) != (eh, ew) {
             return Err(format!(
                 "wrong size: the model takes {ew}x{eh} images, this one is {w}x{h}"
             ));
         }
     }
+    let mut r = reader()?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(w);
+    limits.max_image_height = Some(h);
+    // The decoded buffer: at most 4 channels of 32-bit floats per pixel.
+    limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
+    r.limits(limits);
+    let img = r.decode().map_err(|e| format!("cannot decode: {e}"))?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
     let rgb = img.to_rgb32f();
     let grey_source = !img.color().has_color();
     let mut out = Array3::<f32>::zeros((c, h, w));
@@ -133,8 +175,8 @@ pub fn encode(img: ArrayView3<f32>, format: Format) -> Result<Vec<u8>, String> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let dir = path.parent().ok_or("no parent folder")?;
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let name = path.file_name().ok_or("no file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    path.file_name().ok_or("no file name")?;
+    let tmp = crate::paths::temporary_for(path);
     let res = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -143,7 +185,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     })();
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
-        return Err(format!("cannot write {}: {e}", path.display()));
+        return Err(format!("cannot write {}: {e}", crate::paths::escape(path)));
     }
     Ok(())
 }

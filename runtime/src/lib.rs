@@ -9,6 +9,7 @@ pub mod images;
 pub mod metrics;
 pub mod model;
 pub mod ortlib;
+pub mod paths;
 pub mod pipeline;
 pub mod verify;
 
@@ -32,6 +33,14 @@ pub enum RuntimeError {
     /// A model could not be loaded or run.
     #[error("{path}: {reason}")]
     Model {
+        /// The model file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The model returned what it must not (a wrong shape): its fault, whatever the input.
+    #[error("{path}: {reason}")]
+    BadOutput {
         /// The model file.
         path: String,
         /// Why.

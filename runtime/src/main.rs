@@ -83,6 +83,9 @@ enum Cmd {
         /// Write a JSON report (counts, failures with reasons, timings).
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Refuse images above this many pixels from their header, without decoding them.
+        #[arg(long, default_value_t = davi_runtime::images::DEFAULT_MAX_PIXELS)]
+        max_pixels: u64,
         #[command(flatten)]
         ep: EpArgs,
     },
@@ -254,11 +257,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             samples,
             follow_symlinks,
             report,
+            max_pixels,
             ep,
         } => {
             let batch = batch.unwrap_or(if ep.ep == Ep::Cpu { 16 } else { 64 });
             let shard = shard.as_deref().map(parse_shard).transpose()?;
-            let mut m = Model::load(&model, &session_options(&ep, cli.ort_lib, batch * samples))?;
+            if batch > pipeline::MAX_BATCH || samples > pipeline::MAX_SAMPLES {
+                return Err(RuntimeError::Usage(format!(
+                    "--batch {batch} / --samples {samples}: at most {} / {}",
+                    pipeline::MAX_BATCH,
+                    pipeline::MAX_SAMPLES
+                ))
+                .into());
+            }
+            let mut m = Model::load(&model, &session_options(&ep, cli.ort_lib, batch))?;
+            m.check_memory(m.fixed_batch.unwrap_or(batch), ep.ep)?;
             let opts = RestoreOptions {
                 input,
                 output,
@@ -270,8 +283,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 samples,
                 follow_symlinks,
                 progress: std::io::stderr().is_terminal(),
+                max_pixels,
             };
-            let r = pipeline::restore(&mut m, &opts)?;
+            let r = pipeline::restore(&mut m, &opts, report.as_deref())?;
             finish(&r, report.as_deref(), "restored")
         }
         Cmd::Degrade {
@@ -323,6 +337,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             sheet_rows,
         } => {
             let e = metrics::evaluate(&restored, &reference, None)?;
+            if e.images.is_empty() {
+                return Err(RuntimeError::Usage(format!(
+                    "no pair to score: {} holds no image that {} has",
+                    restored.display(),
+                    reference.display()
+                ))
+                .into());
+            }
             print!("{}", e.markdown());
             if !e.missing.is_empty() {
                 eprintln!(
@@ -404,7 +426,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .max()
                 .unwrap_or(1)
                 .max(restore_batch);
+            if max > pipeline::MAX_BATCH {
+                return Err(RuntimeError::Usage(format!(
+                    "--batch {max}: at most {}",
+                    pipeline::MAX_BATCH
+                ))
+                .into());
+            }
             let mut m = Model::load(&model, &session_options(&ep, cli.ort_lib, max))?;
+            m.check_memory(max, ep.ep)?;
             let mut figures = serde_json::Map::new();
             println!("| what | batch | images/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|");
             let mut rows = Vec::new();

@@ -140,6 +140,9 @@ impl Default for SessionOptions {
     }
 }
 
+/// Intra-op threads beyond this many per core only cost memory.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
 fn ort_err(path: &Path, what: &str, e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Model {
         path: path.display().to_string(),
@@ -155,6 +158,92 @@ pub struct Model {
     pub info: ModelInfo,
     /// Where it came from.
     pub path: PathBuf,
+    /// The batch size the graph fixes (exported with `--static-batch`); `None`: dynamic.
+    pub fixed_batch: Option<usize>,
+}
+
+/// Checks the graph's inputs and outputs against the ONNX contract and the metadata: inputs
+/// `measurement` and `noise`, output `image`, all f32 of rank 4, every fixed dimension equal to
+/// what the metadata implies, one batch dimension shared by all. Returns the fixed batch size, if
+/// any. A model that fails here would fail on every image: it is refused once, at load.
+pub fn check_graph(
+    session: &Session,
+    info: &ModelInfo,
+    path: &Path,
+) -> Result<Option<usize>, RuntimeError> {
+    let fault = |reason: String| RuntimeError::Model {
+        path: path.display().to_string(),
+        reason,
+    };
+    let names = |outlets: &[ort::value::Outlet]| -> Vec<String> {
+        outlets.iter().map(|o| o.name().to_string()).collect()
+    };
+    let (inputs, outputs) = (names(session.inputs()), names(session.outputs()));
+    let mut want_in = vec!["measurement".to_string(), "noise".to_string()];
+    let mut got_in = inputs.clone();
+    want_in.sort();
+    got_in.sort();
+    if got_in != want_in {
+        return Err(fault(format!(
+            "the graph's inputs are {inputs:?}; a DAVI model takes exactly [\"measurement\", \"noise\"]"
+        )));
+    }
+    if !outputs.iter().any(|o| o == "image") {
+        return Err(fault(format!(
+            "the graph's outputs are {outputs:?}; a DAVI model returns \"image\""
+        )));
+    }
+    let [cy, hy, wy] = info.measurement_shape();
+    let [c, sz, _] = info.image_shape();
+    let expected = [
+        ("measurement", [cy, hy, wy]),
+        ("noise", [c, sz, sz]),
+        ("image", [c, sz, sz]),
+    ];
+    let mut batch: Option<i64> = None;
+    for (name, dims) in expected {
+        let outlet = session
+            .inputs()
+            .iter()
+            .chain(session.outputs())
+            .find(|o| o.name() == name)
+            .expect("checked above");
+        let ty = outlet.dtype();
+        if ty.tensor_type() != Some(ort::value::TensorElementType::Float32) {
+            return Err(fault(format!("'{name}' is {ty:?}; f32 is expected")));
+        }
+        let shape: Vec<i64> = ty.tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
+        if shape.len() != 4 {
+            return Err(fault(format!(
+                "'{name}' has shape {shape:?}; rank 4 [N, C, H, W] is expected"
+            )));
+        }
+        for (k, (&got, want)) in shape[1..].iter().zip(dims).enumerate() {
+            if got >= 0 && got as usize != want {
+                return Err(fault(format!(
+                    "'{name}' has shape {shape:?}, but the metadata (davi.image_size {}, davi.channels {}, operator {}) implies [N, {}, {}, {}] (dimension {} differs)",
+                    info.image_size,
+                    info.channels,
+                    info.operator.task(),
+                    dims[0],
+                    dims[1],
+                    dims[2],
+                    k + 1
+                )));
+            }
+        }
+        if shape[0] >= 0 {
+            if batch.is_some_and(|b| b != shape[0]) {
+                return Err(fault(format!(
+                    "'{name}' fixes the batch at {} where another tensor fixes it at {}",
+                    shape[0],
+                    batch.unwrap_or_default()
+                )));
+            }
+            batch = Some(shape[0]);
+        }
+    }
+    Ok(batch.map(|b| b as usize))
 }
 
 /// Builds a session over an ONNX file or in-memory bytes with the given options.
@@ -165,10 +254,18 @@ pub fn session(source: ModelSource<'_>, opts: &SessionOptions) -> Result<Session
     b = b
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(|e| ort_err(&path, "optimization level", e))?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if opts.threads > MAX_THREADS_PER_CORE * cores {
+        return Err(RuntimeError::Usage(format!(
+            "--threads {}: at most {} ({MAX_THREADS_PER_CORE} per core on this machine's {cores})",
+            opts.threads,
+            MAX_THREADS_PER_CORE * cores
+        )));
+    }
     let threads = if opts.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        cores
     } else {
         opts.threads
     };
@@ -298,11 +395,51 @@ impl Model {
         }
         drop(md);
         let info = ModelInfo::from_metadata(&m, &path.display().to_string())?;
+        let fixed_batch = check_graph(&session, &info, path)?;
         Ok(Self {
             session,
             info,
             path: path.to_path_buf(),
+            fixed_batch,
         })
+    }
+
+    /// Refuses a batch of `rows` that the machine's memory cannot hold, with a message, instead
+    /// of being killed by the kernel. The memory one row takes is measured: the process's
+    /// resident size after runs of 1 and 4 rows (ONNX Runtime's CPU arena keeps its peak). Only
+    /// for the CPU provider and batches above 16 (smaller ones are not worth the two runs).
+    pub fn check_memory(&mut self, rows: usize, ep: Ep) -> Result<(), RuntimeError> {
+        if ep != Ep::Cpu || rows <= 16 {
+            return Ok(());
+        }
+        let (Some(avail), Some(_)) = (mem_available(), resident()) else {
+            return Ok(());
+        };
+        let [cy, hy, wy] = self.info.measurement_shape();
+        let [c, s, _] = self.info.image_shape();
+        let mut probe = |n: usize| -> Result<u64, RuntimeError> {
+            let fixed = self.fixed_batch.unwrap_or(n);
+            let m = Array4::<f32>::zeros((fixed, cy, hy, wy));
+            let z = Array4::<f32>::zeros((fixed, c, s, s));
+            self.restore(&m, &z)?;
+            Ok(resident().unwrap_or(0))
+        };
+        let r1 = probe(1)?;
+        let r4 = probe(4)?;
+        let io = ((cy * hy * wy + 2 * c * s * s) * 4) as u64;
+        let per_row = (r4.saturating_sub(r1) / 3).max(io);
+        let need = r1 + per_row * rows as u64;
+        let budget = (avail + r1) / 10 * 9;
+        if need > budget {
+            let most = (budget.saturating_sub(r1) / per_row).max(1);
+            return Err(RuntimeError::Usage(format!(
+                "a batch of {rows} needs about {:.1} GiB ({:.1} MiB per image, measured), more than the {:.1} GiB this machine has available; use a batch of at most {most}",
+                need as f64 / (1u64 << 30) as f64,
+                per_row as f64 / (1u64 << 20) as f64,
+                avail as f64 / (1u64 << 30) as f64
+            )));
+        }
+        Ok(())
     }
 
     /// Runs one batch.
@@ -325,6 +462,33 @@ impl Model {
         let img = out["image"]
             .try_extract_array::<f32>()
             .map_err(|e| ort_err(&p, "output", e))?;
+        // A wrong shape is the model's fault, whatever the input: an error, never written out.
+        let [c, sz, _] = self.info.image_shape();
+        let want = [measurement.shape()[0], c, sz, sz];
+        if img.shape() != want {
+            return Err(RuntimeError::BadOutput {
+                path: p.display().to_string(),
+                reason: format!(
+                    "the output 'image' has shape {:?} where the metadata implies {want:?}",
+                    img.shape()
+                ),
+            });
+        }
         Ok(img.to_owned())
     }
+}
+
+/// Bytes of memory available (`MemAvailable` of /proc/meminfo), where the system says.
+pub fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// This process's resident bytes (/proc/self/statm), where the system says.
+pub fn resident() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }

@@ -7,14 +7,17 @@
 //! size, order or sharding.
 
 use crate::images::{self, Format};
-use crate::{Model, RuntimeError};
-use ndarray::{s, Array3, Array4, Axis};
+use crate::{paths, Model, RuntimeError};
+use ndarray::{Array3, Array4, Axis, Zip};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// What to restore and how.
@@ -40,6 +43,8 @@ pub struct RestoreOptions {
     pub follow_symlinks: bool,
     /// Show a progress bar (on a TTY).
     pub progress: bool,
+    /// Images above this many pixels are refused from their header, without decoding.
+    pub max_pixels: u64,
 }
 
 /// One file that could not be restored.
@@ -72,31 +77,78 @@ pub struct Report {
     pub session_seconds: f64,
 }
 
+/// One input: where it is, its path relative to the input (mirrored under the output), the base
+/// name of its outputs (without suffix and extension), or the reason it cannot be restored.
 #[derive(Debug, Clone)]
-struct Job {
-    path: PathBuf,
-    rel: PathBuf,
+pub struct Job {
+    /// The input file.
+    pub path: PathBuf,
+    /// Its path relative to the input folder.
+    pub rel: PathBuf,
+    /// The base name of its outputs (see [`plan`] for the naming rule).
+    pub base: OsString,
+    /// Why it cannot be restored, when it cannot.
+    pub problem: Option<String>,
 }
 
-/// Lists the inputs: sorted, recursive, image extensions only. Unreadable entries, symlink loops
-/// and links that leave the folder become failures.
+impl Job {
+    fn ok(path: PathBuf, rel: PathBuf) -> Self {
+        let base = rel.file_stem().unwrap_or_default().to_os_string();
+        Self {
+            path,
+            rel,
+            base,
+            problem: None,
+        }
+    }
+    fn failed(path: PathBuf, reason: impl Into<String>) -> Self {
+        Self {
+            rel: PathBuf::new(),
+            base: OsString::new(),
+            problem: Some(reason.into()),
+            path,
+        }
+    }
+    /// Its output with `suffix` (`""`, `.std`, `.sample3`).
+    pub fn output(&self, out: &Path, format: Format, suffix: &str) -> PathBuf {
+        let mut name = self.base.clone();
+        name.push(suffix);
+        name.push(".");
+        name.push(format.ext());
+        out.join(&self.rel).with_file_name(name)
+    }
+    /// A failure of this input.
+    pub fn failure(&self, reason: impl Into<String>) -> Failure {
+        Failure {
+            path: paths::escape(&self.path),
+            reason: paths::one_line(&reason.into()),
+        }
+    }
+}
+
+/// Lists the inputs, sorted and recursive, image extensions only. Entries that cannot be used
+/// (unreadable folders, symlink loops, links that leave the folder, FIFOs, sockets, devices)
+/// stay in the list as failures with their reason, in their sorted place, so that sharding and
+/// the counts treat them like every other input.
 fn list_inputs(opts: &RestoreOptions, report: &mut Report) -> Result<Vec<Job>, RuntimeError> {
     let input = &opts.input;
     let meta = std::fs::metadata(input).map_err(|e| RuntimeError::io(input, e))?;
-    if meta.is_file() {
+    if !meta.is_dir() {
         let name = input
             .file_name()
             .ok_or_else(|| RuntimeError::io(input, "no file name"))?;
-        return Ok(vec![Job {
-            path: input.clone(),
-            rel: PathBuf::from(name),
+        let job = Job::ok(input.clone(), PathBuf::from(name));
+        return Ok(vec![if meta.is_file() {
+            job
+        } else {
+            Job::failed(input.clone(), "not a regular file")
         }]);
     }
     let root = input
         .canonicalize()
         .map_err(|e| RuntimeError::io(input, e))?;
     // An output folder inside the input folder is not walked: its files are ours, not inputs.
-    let out_root = opts.output.canonicalize().ok();
+    let out_root = paths::canonical_dir(&opts.output);
     let mut jobs = Vec::new();
     let walker = walkdir::WalkDir::new(input)
         .follow_links(opts.follow_symlinks)
@@ -104,19 +156,13 @@ fn list_inputs(opts: &RestoreOptions, report: &mut Report) -> Result<Vec<Job>, R
         .into_iter()
         .filter_entry(|e| {
             // Only folders can be the output folder: files are not resolved.
-            !(e.file_type().is_dir()
-                && out_root
-                    .as_ref()
-                    .is_some_and(|o| e.path().canonicalize().is_ok_and(|p| p == *o)))
+            !(e.file_type().is_dir() && e.path().canonicalize().is_ok_and(|p| p == out_root))
         });
     for entry in walker {
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                let path = e
-                    .path()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_else(|| input.display().to_string());
+                let path = e.path().unwrap_or(input).to_path_buf();
                 let reason = if e.loop_ancestor().is_some() {
                     "symlink loop".to_string()
                 } else {
@@ -127,35 +173,44 @@ fn list_inputs(opts: &RestoreOptions, report: &mut Report) -> Result<Vec<Job>, R
                             .unwrap_or_else(|| e.to_string())
                     )
                 };
-                report.failed.push(Failure { path, reason });
+                jobs.push(Job::failed(path, reason));
                 continue;
             }
         };
         let path = entry.path();
         let ft = entry.file_type();
+        if ft.is_dir() {
+            continue;
+        }
         if ft.is_symlink() {
             // Not followed by walkdir: resolve it ourselves and keep it only if it stays inside.
             match path.canonicalize() {
                 Err(e) => {
-                    report.failed.push(Failure {
-                        path: path.display().to_string(),
-                        reason: format!("broken symlink or symlink loop: {e}"),
-                    });
+                    jobs.push(Job::failed(
+                        path.to_path_buf(),
+                        format!("broken symlink or symlink loop: {e}"),
+                    ));
                     continue;
                 }
                 Ok(target) if !target.starts_with(&root) => {
-                    report.failed.push(Failure {
-                        path: path.display().to_string(),
-                        reason:
-                            "symlink leaves the input folder; not followed (use --follow-symlinks)"
-                                .into(),
-                    });
+                    jobs.push(Job::failed(
+                        path.to_path_buf(),
+                        "symlink leaves the input folder; not followed (use --follow-symlinks)",
+                    ));
                     continue;
                 }
                 Ok(target) if target.is_dir() => continue, // its files are reached inside the folder
+                Ok(target) if !target.is_file() => {
+                    jobs.push(Job::failed(
+                        path.to_path_buf(),
+                        format!("symlink to {}", file_kind(&target)),
+                    ));
+                    continue;
+                }
                 Ok(_) => {}
             }
         } else if !ft.is_file() {
+            jobs.push(Job::failed(path.to_path_buf(), file_kind(path)));
             continue;
         }
         if !images::is_image_path(path) {
@@ -164,59 +219,199 @@ fn list_inputs(opts: &RestoreOptions, report: &mut Report) -> Result<Vec<Job>, R
         }
         let rel = path.strip_prefix(input).unwrap_or(path).to_path_buf();
         if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-            report.failed.push(Failure {
-                path: path.display().to_string(),
-                reason: "path escapes the input folder".into(),
-            });
+            jobs.push(Job::failed(
+                path.to_path_buf(),
+                "path escapes the input folder",
+            ));
             continue;
         }
-        jobs.push(Job {
-            path: path.to_path_buf(),
-            rel,
-        });
+        jobs.push(Job::ok(path.to_path_buf(), rel));
     }
     Ok(jobs)
 }
 
-/// The output path of an input's relative path.
-pub fn output_path(out: &Path, rel: &Path, format: Format, suffix: &str) -> PathBuf {
-    let stem = rel
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let name = format!("{stem}{suffix}.{}", format.ext());
-    out.join(rel).with_file_name(name)
+/// What a non-regular file is, for its failure.
+fn file_kind(path: &Path) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = match std::fs::metadata(path).map(|m| m.file_type()) {
+        Ok(t) if t.is_fifo() => "a FIFO",
+        Ok(t) if t.is_socket() => "a socket",
+        Ok(t) if t.is_block_device() || t.is_char_device() => "a device",
+        _ => "not a regular file",
+    };
+    format!("{kind}, not a regular file; not read")
 }
 
-/// Standard normal noise of `n` values seeded from (seed, stream, relative path, sample).
-pub fn noise(seed: u64, stream: &str, rel: &Path, sample: usize, n: usize) -> Vec<f32> {
-    let mut h = Sha256::new();
-    h.update(seed.to_le_bytes());
-    h.update(stream.as_bytes());
-    h.update((sample as u64).to_le_bytes());
-    h.update(rel.to_string_lossy().as_bytes());
-    let key: [u8; 32] = h.finalize().into();
-    let mut rng = rand_chacha::ChaCha8Rng::from_seed(key);
-    rand_distr::StandardNormal
-        .sample_iter(&mut rng)
-        .take(n)
-        .collect()
+/// The output suffixes of one input: `""` alone, or with K samples each sample, `.std` and the
+/// mean under the plain name.
+fn suffixes(k: usize) -> Vec<String> {
+    if k == 1 {
+        return vec![String::new()];
+    }
+    let mut v: Vec<String> = (0..k).map(|i| format!(".sample{i}")).collect();
+    v.push(".std".into());
+    v.push(String::new());
+    v
 }
 
-/// A decoded measurement with its K noise draws (made on the decode workers, not the session's thread).
-type Decoded = Vec<(Job, Result<(Array3<f32>, Vec<Vec<f32>>), String>)>;
-type Restored = Vec<(Job, Vec<Array3<f32>>)>;
+/// Gives every input distinct output names. The rule: outputs are named after the input's stem
+/// (`a.png` -> `a.png`, `a.sample0.png`, ...); when two inputs of one folder would write the same
+/// output (`a.png`, `a.bmp`, `a.tif`; or `a.png` with `--samples 2` beside an input
+/// `a.sample0.png`), each input of the clash keeps its source extension in its names
+/// (`a.bmp.png`, `a.tif.png`); an input whose names still clash fails, with the reason. Nothing
+/// is ever written twice.
+fn name_outputs(jobs: &mut [Job], k: usize) {
+    let derived: Vec<String> = suffixes(k).into_iter().filter(|s| !s.is_empty()).collect();
+    // Outputs collide only when bases are equal (same suffix), or when one input's plain output
+    // is another's derived one (base_b == base_a + suffix): suffixes are single dot-segments.
+    let clashes = |jobs: &[Job]| -> Vec<usize> {
+        let mut by_base: HashMap<(PathBuf, OsString), Vec<usize>> = HashMap::new();
+        for (i, j) in jobs.iter().enumerate().filter(|(_, j)| j.problem.is_none()) {
+            let dir = j.rel.parent().unwrap_or(Path::new("")).to_path_buf();
+            by_base.entry((dir, j.base.clone())).or_default().push(i);
+        }
+        let mut hit = BTreeSet::new();
+        for ((dir, base), idx) in &by_base {
+            if idx.len() > 1 {
+                hit.extend(idx.iter().copied());
+            }
+            let b = base.as_bytes();
+            for suf in &derived {
+                if let Some(stem) = b.strip_suffix(suf.as_bytes()) {
+                    let key = (dir.clone(), OsStr::from_bytes(stem).to_os_string());
+                    if let Some(other) = by_base.get(&key) {
+                        hit.extend(idx.iter().copied());
+                        hit.extend(other.iter().copied());
+                    }
+                }
+            }
+        }
+        hit.into_iter().collect()
+    };
+    let mut extended = vec![false; jobs.len()];
+    loop {
+        let hit = clashes(jobs);
+        let mut changed = false;
+        for &i in &hit {
+            if !extended[i] {
+                jobs[i].base = jobs[i].rel.file_name().unwrap_or_default().to_os_string();
+                extended[i] = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            for i in hit {
+                let name = paths::escape(Path::new(&jobs[i].base));
+                jobs[i].problem = Some(format!(
+                    "its output names ({name}.*) clash with another input's even with the source extension kept; rename one"
+                ));
+            }
+            return;
+        }
+    }
+}
 
-/// Restores every input of `opts` with `model`.
-pub fn restore(model: &mut Model, opts: &RestoreOptions) -> Result<Report, RuntimeError> {
-    let start = Instant::now();
-    if opts.batch == 0 || opts.samples == 0 {
-        return Err(RuntimeError::Usage(
-            "--batch and --samples must be at least 1".into(),
+/// Refuses, before any work, a run whose outputs would replace an input or each other's report:
+/// the output folder equal to the input folder, a file restored into its own folder, overlapping
+/// trees, or `--report` on an input, an output or an image.
+fn check_no_input_replaced(
+    opts: &RestoreOptions,
+    jobs: &[Job],
+    report: Option<&Path>,
+) -> Result<(), RuntimeError> {
+    let refuse = |msg: String| {
+        Err(RuntimeError::Usage(format!(
+            "refused: {msg}; nothing was written"
+        )))
+    };
+    if opts.input.is_dir()
+        && paths::canonical_dir(&opts.input) == paths::canonical_dir(&opts.output)
+    {
+        return refuse(format!(
+            "the output folder {} is the input folder",
+            paths::escape(&opts.output)
         ));
     }
+    let mut inputs = paths::Entries::default();
+    for j in jobs {
+        inputs.insert(&j.path);
+    }
+    // The input folder inside the output folder: an output that lands in it would be read back
+    // as an input by the next run.
+    let in_root = opts
+        .input
+        .is_dir()
+        .then(|| paths::canonical_dir(&opts.input))
+        .filter(|r| r.starts_with(paths::canonical_dir(&opts.output)));
+    let sufs = suffixes(opts.samples);
+    let mut out_dirs: HashMap<PathBuf, bool> = HashMap::new();
+    for j in jobs.iter().filter(|j| j.problem.is_none()) {
+        let plain = j.output(&opts.output, opts.format, "");
+        let dir = plain.parent().unwrap_or(Path::new(".")).to_path_buf();
+        if let Some(root) = &in_root {
+            if paths::canonical_dir(&dir).starts_with(root) {
+                return refuse(format!(
+                    "the output {} would land in the input folder {} (inside the output folder)",
+                    paths::escape(&plain),
+                    paths::escape(&opts.input)
+                ));
+            }
+        }
+        // Only folders that hold inputs need a look at each name.
+        let holds_inputs = *out_dirs
+            .entry(dir.clone())
+            .or_insert_with(|| inputs.has_dir(&dir));
+        if !holds_inputs {
+            continue;
+        }
+        for suf in &sufs {
+            let o = j.output(&opts.output, opts.format, suf);
+            if inputs.contains(&o) {
+                return refuse(format!(
+                    "the output {} would replace the input {} (the output folder overlaps the input)",
+                    paths::escape(&o),
+                    paths::escape(&j.path)
+                ));
+            }
+        }
+    }
+    if let Some(r) = report {
+        if images::is_image_path(r) || inputs.contains(r) {
+            return refuse(format!(
+                "--report {} names an image or an input; give a .json path",
+                paths::escape(r)
+            ));
+        }
+        let mut outs = paths::Entries::default();
+        outs.insert(r);
+        if jobs
+            .iter()
+            .filter(|j| j.problem.is_none())
+            .any(|j| outs.contains(&j.output(&opts.output, opts.format, "")))
+        {
+            return refuse(format!(
+                "--report {} is one of the outputs",
+                paths::escape(r)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The inputs of `opts` (sorted, sharded) with their output names, and the count of other files
+/// ignored. Refuses (a usage error, before anything is written) a run whose outputs would replace
+/// an input or `report_path`.
+///
+/// Naming: outputs mirror the input's relative path with the input's stem (`a.png` ->
+/// `a.png`, `a.sample0.png`, ...). When two inputs of one folder would write the same output
+/// (`a.png`, `a.bmp`, `a.tif`; or `a.png` under `--samples 2` beside an input `a.sample0.png`),
+/// each input of the clash keeps its source extension (`a.bmp.png`, `a.tif.png`); an input whose
+/// names still clash fails with the reason.
+pub fn plan(
+    opts: &RestoreOptions,
+    report_path: Option<&Path>,
+) -> Result<(Vec<Job>, usize), RuntimeError> {
     let mut report = Report::default();
-    std::fs::create_dir_all(&opts.output).map_err(|e| RuntimeError::io(&opts.output, e))?;
     let mut jobs = list_inputs(opts, &mut report)?;
     if let Some((i, n)) = opts.shard {
         jobs = jobs
@@ -226,13 +421,84 @@ pub fn restore(model: &mut Model, opts: &RestoreOptions) -> Result<Report, Runti
             .map(|(_, j)| j)
             .collect();
     }
-    report.found = jobs.len();
-    if opts.skip_existing {
-        let before = jobs.len();
-        jobs.retain(|j| !output_path(&opts.output, &j.rel, opts.format, "").exists());
-        report.skipped = before - jobs.len();
+    name_outputs(&mut jobs, opts.samples);
+    check_no_input_replaced(opts, &jobs, report_path)?;
+    Ok((jobs, report.ignored))
+}
+
+/// Standard normal noise of `n` values seeded from (seed, stream, relative path, sample). The
+/// path's bytes count as they are (names that are not UTF-8 included).
+pub fn noise(seed: u64, stream: &str, rel: &Path, sample: usize, n: usize) -> Vec<f32> {
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    h.update(stream.as_bytes());
+    h.update((sample as u64).to_le_bytes());
+    h.update(rel.as_os_str().as_bytes());
+    let key: [u8; 32] = h.finalize().into();
+    let mut rng = rand_chacha::ChaCha8Rng::from_seed(key);
+    rand_distr::StandardNormal
+        .sample_iter(&mut rng)
+        .take(n)
+        .collect()
+}
+
+/// One row of a session run: an input's measurement and the noise of one of its samples.
+struct Row {
+    measurement: Arc<Array3<f32>>,
+    noise: Vec<f32>,
+}
+
+/// What flows between the stages: rows (decoded, or restored) and inputs that failed.
+struct Chunk<T> {
+    rows: Vec<(usize, usize, T)>,
+    failed: Vec<(usize, String)>,
+}
+
+/// The largest `--batch` and `--samples` accepted.
+pub const MAX_BATCH: usize = 1 << 16;
+/// The largest `--samples`.
+pub const MAX_SAMPLES: usize = 1 << 16;
+
+/// Restores every input of `opts` with `model`. `report_path`, when given, is checked with the
+/// outputs (it must not replace an input or an output).
+pub fn restore(
+    model: &mut Model,
+    opts: &RestoreOptions,
+    report_path: Option<&Path>,
+) -> Result<Report, RuntimeError> {
+    let start = Instant::now();
+    if opts.batch == 0 || opts.samples == 0 {
+        return Err(RuntimeError::Usage(
+            "--batch and --samples must be at least 1".into(),
+        ));
     }
+    if opts.batch > MAX_BATCH || opts.samples > MAX_SAMPLES {
+        return Err(RuntimeError::Usage(format!(
+            "--batch {} / --samples {}: at most {MAX_BATCH} / {MAX_SAMPLES}",
+            opts.batch, opts.samples
+        )));
+    }
+    let mut report = Report::default();
+    let (jobs, ignored) = plan(opts, report_path)?;
+    report.ignored = ignored;
+    report.found = jobs.len();
     std::fs::create_dir_all(&opts.output).map_err(|e| RuntimeError::io(&opts.output, e))?;
+    paths::remove_stale_temporaries(&opts.output);
+
+    let mut failed: BTreeMap<usize, String> = BTreeMap::new();
+    for (i, j) in jobs.iter().enumerate() {
+        if let Some(p) = &j.problem {
+            failed.insert(i, p.clone());
+        }
+    }
+    let mut todo: Vec<usize> = (0..jobs.len())
+        .filter(|i| !failed.contains_key(i))
+        .collect();
+    if opts.skip_existing {
+        let before = todo.len();
+        todo.retain(|&i| !jobs[i].output(&opts.output, opts.format, "").exists());
+        report.skipped = before - todo.len();
+    }
 
     let info = model.info.clone();
     let [cy, hy, wy] = info.measurement_shape();
@@ -246,170 +512,316 @@ pub fn restore(model: &mut Model, opts: &RestoreOptions) -> Result<Report, Runti
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}")
             .expect("valid template"),
     );
-    let failures = Mutex::new(Vec::<Failure>::new());
-    let restored = std::sync::atomic::AtomicUsize::new(0);
-    let mut session_seconds = 0.0;
-    let (dec_tx, dec_rx) = crossbeam_channel::bounded::<Decoded>(2);
-    let (enc_tx, enc_rx) = crossbeam_channel::bounded::<Restored>(2);
-    let batch = opts.batch;
+    bar.inc((jobs.len() - todo.len()) as u64);
+    let (dec_tx, dec_rx) = crossbeam_channel::bounded::<Chunk<Row>>(2);
+    let (enc_tx, enc_rx) = crossbeam_channel::bounded::<Chunk<Array3<f32>>>(2);
+    // Rows per session run: a fixed batch of the graph wins (short runs are padded).
+    let rows_per_run = model.fixed_batch.unwrap_or(opts.batch);
     let k = opts.samples;
+    let mut session_seconds = 0.0;
+    let (jobs_ref, todo_ref) = (&jobs, &todo);
 
-    let run_result: Result<(), RuntimeError> = std::thread::scope(|scope| {
-        // Stage 1: decode, a batch at a time, in parallel.
-        let jobs_ref = &jobs;
+    let outcome = std::thread::scope(|scope| -> Result<Writer, RuntimeError> {
+        // Stage 1: decode on the pool; noise drawn there too; rows in runs of `rows_per_run`.
         scope.spawn(move || {
-            for chunk in jobs_ref.chunks(batch) {
-                let decoded: Decoded = chunk
-                    .par_iter()
-                    .map(|j| {
-                        let loaded = images::load(&j.path, cy, Some((hy, wy))).map(|m| {
-                            let z = (0..k)
-                                .map(|s| noise(opts.seed, "bridge", &j.rel, s, c * sz * sz))
-                                .collect();
-                            (m, z)
-                        });
-                        (j.clone(), loaded)
+            let per_group = (rows_per_run / k).max(1);
+            let mut pending: Vec<(usize, usize, Arc<Array3<f32>>)> = Vec::new();
+            let mut fails = Vec::new();
+            let send = |pending: &mut Vec<(usize, usize, Arc<Array3<f32>>)>,
+                        fails: &mut Vec<(usize, String)>|
+             -> bool {
+                let rows: Vec<(usize, usize, Row)> = pending
+                    .par_drain(..)
+                    .map(|(job, sample, m)| {
+                        let z = noise(opts.seed, "bridge", &jobs_ref[job].rel, sample, c * sz * sz);
+                        (
+                            job,
+                            sample,
+                            Row {
+                                measurement: m,
+                                noise: z,
+                            },
+                        )
                     })
                     .collect();
-                if dec_tx.send(decoded).is_err() {
-                    break;
+                dec_tx
+                    .send(Chunk {
+                        rows,
+                        failed: std::mem::take(fails),
+                    })
+                    .is_ok()
+            };
+            for group in todo_ref.chunks(per_group) {
+                let decoded: Vec<(usize, Result<Array3<f32>, String>)> = group
+                    .par_iter()
+                    .map(|&i| {
+                        let r = images::load_limited(
+                            &jobs_ref[i].path,
+                            cy,
+                            Some((hy, wy)),
+                            opts.max_pixels,
+                        );
+                        (i, r)
+                    })
+                    .collect();
+                for (i, r) in decoded {
+                    match r {
+                        Err(reason) => fails.push((i, reason)),
+                        Ok(m) => {
+                            let m = Arc::new(m);
+                            for s in 0..k {
+                                pending.push((i, s, m.clone()));
+                                if pending.len() == rows_per_run && !send(&mut pending, &mut fails)
+                                {
+                                    return;
+                                }
+                            }
+                        }
+                    }
                 }
             }
-        });
-        // Stage 3: encode and write, in parallel.
-        let (failures_ref, restored_ref, bar_ref) = (&failures, &restored, &bar);
-        scope.spawn(move || {
-            for chunk in enc_rx {
-                chunk.par_iter().for_each(|(job, samples)| {
-                    match write_outputs(&opts.output, &job.rel, opts.format, samples) {
-                        Ok(()) => {
-                            restored_ref.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        Err(reason) => failures_ref.lock().expect("lock").push(Failure {
-                            path: job.path.display().to_string(),
-                            reason,
-                        }),
-                    }
-                    bar_ref.inc(1);
-                });
+            if !pending.is_empty() || !fails.is_empty() {
+                send(&mut pending, &mut fails);
             }
+        });
+        // Stage 3: check, encode and write on the pool; sample statistics as rows arrive.
+        let bar_ref = &bar;
+        let writer = scope.spawn(move || {
+            let mut w = Writer::new(opts, k);
+            for chunk in enc_rx {
+                w.take(jobs_ref, chunk, bar_ref);
+            }
+            w
         });
         // Stage 2: the session, on this thread.
-        for chunk in dec_rx {
-            let mut ok = Vec::with_capacity(chunk.len());
-            for (job, res) in chunk {
-                match res {
-                    Ok(m) => ok.push((job, m)),
-                    Err(reason) => {
-                        failures.lock().expect("lock").push(Failure {
-                            path: job.path.display().to_string(),
-                            reason,
-                        });
-                        bar.inc(1);
-                    }
-                }
-            }
-            if ok.is_empty() {
-                continue;
-            }
-            // K samples of each image go through the session together: [n*K, ...].
-            let n = ok.len() * k;
-            let mut meas = Array4::<f32>::zeros((n, cy, hy, wy));
-            let mut z = Array4::<f32>::zeros((n, c, sz, sz));
-            for (i, (_, (m, zs))) in ok.iter().enumerate() {
-                for (s, v) in zs.iter().enumerate() {
-                    meas.index_axis_mut(Axis(0), i * k + s).assign(m);
-                    z.index_axis_mut(Axis(0), i * k + s)
-                        .as_slice_mut()
-                        .expect("standard layout")
-                        .copy_from_slice(v);
-                }
-            }
-            let t = Instant::now();
-            let out = model.restore(&meas, &z);
-            session_seconds += t.elapsed().as_secs_f64();
-            let out = match out {
-                Ok(o) => o,
-                Err(e) => {
-                    // A failed run fails its batch, with the reason; the rest go on.
-                    let mut f = failures.lock().expect("lock");
-                    for (job, _) in &ok {
-                        f.push(Failure {
-                            path: job.path.display().to_string(),
-                            reason: e.to_string(),
-                        });
-                        bar.inc(1);
+        let run = (|| -> Result<(), RuntimeError> {
+            for chunk in dec_rx {
+                let Chunk { rows, failed } = chunk;
+                if rows.is_empty() {
+                    if enc_tx
+                        .send(Chunk {
+                            rows: Vec::new(),
+                            failed,
+                        })
+                        .is_err()
+                    {
+                        break;
                     }
                     continue;
                 }
-            };
-            let out =
-                out.into_dimensionality::<ndarray::Ix4>()
-                    .map_err(|e| RuntimeError::Model {
-                        path: model.path.display().to_string(),
-                        reason: format!("output shape: {e}"),
-                    })?;
-            let restored_chunk: Restored = ok
-                .into_iter()
-                .enumerate()
-                .map(|(i, (job, _))| {
-                    let samples = (0..k)
-                        .map(|s| out.slice(s![i * k + s, .., .., ..]).to_owned())
-                        .collect();
-                    (job, samples)
-                })
-                .collect();
-            if enc_tx.send(restored_chunk).is_err() {
-                break;
+                let n = rows.len();
+                let padded = n.max(model.fixed_batch.unwrap_or(0));
+                let mut meas = Array4::<f32>::zeros((padded, cy, hy, wy));
+                let mut z = Array4::<f32>::zeros((padded, c, sz, sz));
+                for (r, (_, _, row)) in rows.iter().enumerate() {
+                    meas.index_axis_mut(Axis(0), r).assign(&*row.measurement);
+                    z.index_axis_mut(Axis(0), r)
+                        .as_slice_mut()
+                        .expect("standard layout")
+                        .copy_from_slice(&row.noise);
+                }
+                let t = Instant::now();
+                let out = model.restore(&meas, &z);
+                session_seconds += t.elapsed().as_secs_f64();
+                let mut failed = failed;
+                let done = match out {
+                    Ok(out) => {
+                        let out = out
+                            .into_dimensionality::<ndarray::Ix4>()
+                            .expect("checked by Model::restore");
+                        rows.iter()
+                            .enumerate()
+                            .map(|(r, &(job, sample, _))| {
+                                (job, sample, out.index_axis(Axis(0), r).to_owned())
+                            })
+                            .collect()
+                    }
+                    // The model's own fault (a wrong output shape) stops the run: every image
+                    // would fail the same way.
+                    Err(e @ RuntimeError::BadOutput { .. }) => return Err(e),
+                    Err(e) => {
+                        // A failed run fails the inputs of its rows, with the reason; the rest go on.
+                        let reason = e.to_string();
+                        let mut seen = BTreeSet::new();
+                        for &(job, _, _) in &rows {
+                            if seen.insert(job) {
+                                failed.push((job, reason.clone()));
+                            }
+                        }
+                        Vec::new()
+                    }
+                };
+                if enc_tx.send(Chunk { rows: done, failed }).is_err() {
+                    break;
+                }
             }
-        }
+            Ok(())
+        })();
         drop(enc_tx);
-        Ok(())
-    });
-    run_result?;
+        let w = writer.join().expect("the writer does not panic");
+        run.map(|()| w)
+    })?;
     bar.finish_and_clear();
-    report.restored = restored.into_inner();
-    let mut f = failures.into_inner().expect("lock");
-    report.failed.append(&mut f);
-    report.failed.sort_by(|a, b| a.path.cmp(&b.path));
+    for (i, reason) in outcome.failed {
+        failed.entry(i).or_insert(reason);
+    }
+    report.restored = outcome.restored;
+    report.failed = failed
+        .into_iter()
+        .map(|(i, reason)| jobs[i].failure(reason))
+        .collect();
+    debug_assert_eq!(
+        report.found,
+        report.restored + report.skipped + report.failed.len()
+    );
     report.seconds = start.elapsed().as_secs_f64();
     report.session_seconds = session_seconds;
     report.images_per_second = report.restored as f64 / report.seconds.max(1e-9);
     Ok(report)
 }
 
-/// Writes one image's outputs. With several samples: each sample, their per-pixel standard
-/// deviation (`.std`, 255 = 0.25 on the [0, 1] scale) and, last, their mean under the plain
-/// name, so the plain output exists only once everything else is written.
-fn write_outputs(
-    out: &Path,
-    rel: &Path,
-    format: Format,
-    samples: &[Array3<f32>],
-) -> Result<(), String> {
-    if samples.len() == 1 {
-        let bytes = images::encode(samples[0].view(), format)?;
-        return images::write_atomic(&output_path(out, rel, format, ""), &bytes);
+/// Running sums of one input's samples (mean and standard deviation written once all arrived).
+struct Stats {
+    n: usize,
+    sum: Array3<f64>,
+    sum_sq: Array3<f64>,
+}
+
+/// The last stage: checks each output, writes it, and keeps the sample statistics.
+struct Writer<'a> {
+    opts: &'a RestoreOptions,
+    k: usize,
+    stats: HashMap<usize, Stats>,
+    failed: BTreeMap<usize, String>,
+    restored: usize,
+}
+
+impl<'a> Writer<'a> {
+    fn new(opts: &'a RestoreOptions, k: usize) -> Self {
+        Self {
+            opts,
+            k,
+            stats: HashMap::new(),
+            failed: BTreeMap::new(),
+            restored: 0,
+        }
     }
-    let k = samples.len() as f32;
-    let mut mean = Array3::<f32>::zeros(samples[0].dim());
-    for (i, smp) in samples.iter().enumerate() {
-        let bytes = images::encode(smp.view(), format)?;
-        images::write_atomic(
-            &output_path(out, rel, format, &format!(".sample{i}")),
-            &bytes,
-        )?;
-        mean += smp;
+
+    fn fail(&mut self, jobs: &[Job], i: usize, reason: String, bar: &indicatif::ProgressBar) {
+        if self.failed.contains_key(&i) {
+            return;
+        }
+        // Samples already written for it go: nothing is left of an input that failed.
+        if let Some(st) = self.stats.remove(&i) {
+            for s in 0..st.n {
+                let _ = std::fs::remove_file(jobs[i].output(
+                    &self.opts.output,
+                    self.opts.format,
+                    &format!(".sample{s}"),
+                ));
+            }
+        }
+        self.failed.insert(i, reason);
+        bar.inc(1);
     }
-    mean /= k;
-    let mut var = Array3::<f32>::zeros(mean.dim());
-    for smp in samples {
-        var = var + (smp - &mean).mapv(|d| d * d);
+
+    fn take(&mut self, jobs: &[Job], chunk: Chunk<Array3<f32>>, bar: &indicatif::ProgressBar) {
+        for (i, reason) in chunk.failed {
+            self.fail(jobs, i, reason, bar);
+        }
+        let (opts, k) = (self.opts, self.k);
+        // Check and write every row in parallel.
+        let written: Vec<(usize, usize, Result<Array3<f32>, String>)> = chunk
+            .rows
+            .into_par_iter()
+            .map(|(i, s, img)| {
+                if img.iter().any(|v| !v.is_finite()) {
+                    return (
+                        i,
+                        s,
+                        Err("the model returned NaN or infinite values".into()),
+                    );
+                }
+                let suffix = if k == 1 {
+                    String::new()
+                } else {
+                    format!(".sample{s}")
+                };
+                let path = jobs[i].output(&opts.output, opts.format, &suffix);
+                let r = images::encode(img.view(), opts.format)
+                    .and_then(|b| images::write_atomic(&path, &b))
+                    .map(|()| img);
+                (i, s, r)
+            })
+            .collect();
+        let mut complete = Vec::new();
+        for (i, s, r) in written {
+            if self.failed.contains_key(&i) {
+                if r.is_ok() && k > 1 {
+                    let _ = std::fs::remove_file(jobs[i].output(
+                        &opts.output,
+                        opts.format,
+                        &format!(".sample{s}"),
+                    ));
+                }
+                continue;
+            }
+            match r {
+                Err(reason) => self.fail(jobs, i, reason, bar),
+                Ok(_) if k == 1 => {
+                    self.restored += 1;
+                    bar.inc(1);
+                }
+                Ok(img) => {
+                    let st = self.stats.entry(i).or_insert_with(|| Stats {
+                        n: 0,
+                        sum: Array3::zeros(img.dim()),
+                        sum_sq: Array3::zeros(img.dim()),
+                    });
+                    debug_assert_eq!(st.n, s, "samples arrive in order");
+                    st.sum.zip_mut_with(&img, |a, &b| *a += b as f64);
+                    st.sum_sq
+                        .zip_mut_with(&img, |a, &b| *a += (b as f64) * (b as f64));
+                    st.n += 1;
+                    if st.n == k {
+                        complete.push(i);
+                    }
+                }
+            }
+        }
+        let finished: Vec<(usize, Stats)> = complete
+            .into_iter()
+            .filter_map(|i| self.stats.remove(&i).map(|st| (i, st)))
+            .collect();
+        let results: Vec<(usize, Result<(), String>)> = finished
+            .into_par_iter()
+            .map(|(i, st)| (i, write_statistics(&jobs[i], opts, st)))
+            .collect();
+        for (i, r) in results {
+            match r {
+                Ok(()) => {
+                    self.restored += 1;
+                    bar.inc(1);
+                }
+                Err(reason) => self.fail(jobs, i, reason, bar),
+            }
+        }
     }
+}
+
+/// Writes the per-pixel standard deviation of an input's samples (`.std`, 255 = 0.25 on the
+/// [0, 1] scale) and, last, their mean under the plain name, so the plain output exists only
+/// once everything else is written.
+fn write_statistics(job: &Job, opts: &RestoreOptions, st: Stats) -> Result<(), String> {
+    let k = st.n as f64;
+    let mean = st.sum.mapv(|v| v / k);
+    let var = Zip::from(&st.sum_sq)
+        .and(&mean)
+        .map_collect(|&sq, &m| (sq / k - m * m).max(0.0));
     // std on [0, 1] is half the std on [-1, 1]; map 0..0.25 to -1..1 for the picture.
-    let std_img = (var / k).mapv(|v| (v.sqrt() * 0.5 / 0.25).min(1.0) * 2.0 - 1.0);
-    let bytes = images::encode(std_img.view(), format)?;
-    images::write_atomic(&output_path(out, rel, format, ".std"), &bytes)?;
-    let bytes = images::encode(mean.view(), format)?;
-    images::write_atomic(&output_path(out, rel, format, ""), &bytes)
+    let std_img = var.mapv(|v| ((v.sqrt() * 0.5 / 0.25).min(1.0) * 2.0 - 1.0) as f32);
+    let bytes = images::encode(std_img.view(), opts.format)?;
+    images::write_atomic(&job.output(&opts.output, opts.format, ".std"), &bytes)?;
+    let bytes = images::encode(mean.mapv(|v| v as f32).view(), opts.format)?;
+    images::write_atomic(&job.output(&opts.output, opts.format, ""), &bytes)
 }

@@ -15,6 +15,8 @@ pub struct Parity {
     pub mean_abs: f64,
     /// PSNR between the two outputs on [-1, 1] (peak-to-peak 2).
     pub psnr_db: f64,
+    /// Values that are NaN or infinite, on either side (any fails the check).
+    pub non_finite: usize,
     /// The criterion applied.
     pub criterion: String,
     /// Whether it holds.
@@ -59,6 +61,7 @@ pub fn compare(a: &ArrayD<f32>, b: &ArrayD<f32>, fp16: bool) -> Parity {
     let mut max_abs = 0f64;
     let mut sum_abs = 0f64;
     let mut sum_sq = 0f64;
+    let non_finite = a.iter().chain(b.iter()).filter(|v| !v.is_finite()).count();
     for (x, y) in a.iter().zip(b.iter()) {
         let d = (*x as f64 - *y as f64).abs();
         max_abs = max_abs.max(d);
@@ -71,7 +74,12 @@ pub fn compare(a: &ArrayD<f32>, b: &ArrayD<f32>, fp16: bool) -> Parity {
     } else {
         10.0 * (4.0 / mse).log10()
     };
-    let (criterion, pass) = if fp16 {
+    let (criterion, pass) = if non_finite > 0 {
+        (
+            format!("every value finite ({non_finite} are NaN or infinite)"),
+            false,
+        )
+    } else if fp16 {
         (
             format!("PSNR >= {FP16_MIN_PSNR} dB (fp16 / TensorRT)"),
             psnr_db >= FP16_MIN_PSNR,
@@ -87,6 +95,7 @@ pub fn compare(a: &ArrayD<f32>, b: &ArrayD<f32>, fp16: bool) -> Parity {
         max_abs,
         mean_abs: sum_abs / n,
         psnr_db,
+        non_finite,
         criterion,
         pass,
     }

@@ -52,6 +52,15 @@ pub fn bin(name: &str) -> PathBuf {
 /// Writes a small DAVI model with random weights (no training, no libtorch) for runtime tests:
 /// a grey 32 px model of `task` (`deblur`, `sr`, `inpaint`, `denoise`) or an RGB `colorize` one.
 pub fn random_model(dir: &std::path::Path, task: &str) -> PathBuf {
+    random_model_with(dir, task, &Default::default())
+}
+
+/// [`random_model`] exported with `opts` (a static batch, fp16 weights, ...).
+pub fn random_model_with(
+    dir: &std::path::Path,
+    task: &str,
+    opts: &davi_export::ExportOptions,
+) -> PathBuf {
     use davi_models::{card::TaskConfig, DaviConfig, Implicit, Operator, UNetConfig};
     use rand::{Rng, SeedableRng};
     let c = if task == "colorize" { 3 } else { 1 };
@@ -116,8 +125,7 @@ pub fn random_model(dir: &std::path::Path, task: &str) -> PathBuf {
         ("davi.config_hash".into(), cfg.hash()),
         ("davi.tool_version".into(), davi_export::TOOL_VERSION.into()),
     ];
-    let proto =
-        davi_export::export_implicit(&implicit, &weights, &Default::default(), &md).unwrap();
+    let proto = davi_export::export_implicit(&implicit, &weights, opts, &md).unwrap();
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("model.onnx");
     davi_export::write_model(proto, &path, false).unwrap();
@@ -150,4 +158,163 @@ pub fn davi(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).to_string(),
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
+}
+
+/// A hand-made graph for the runtime's fault checks: inputs `(name, dims)` (`None`: dynamic),
+/// output `image` with `out_dims`, computed as `op(noise-like input)`: `"identity"`,
+/// `"nan"` (sqrt of a negative number) or `"halve"` (2x2 average pooling). Metadata of a grey
+/// 32 px denoising model, with `image_size` as given.
+pub fn toy_model(
+    dir: &std::path::Path,
+    inputs: &[(&str, [Option<i64>; 4])],
+    out_dims: [Option<i64>; 4],
+    op: &str,
+    image_size: usize,
+) -> PathBuf {
+    use davi_export::proto::{
+        data_type, AttributeProto, DimValue, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+        StringStringEntryProto, TensorProto, ValueInfoProto,
+    };
+    let value = |name: &str, dims: &[Option<i64>; 4]| {
+        let mut v = ValueInfoProto::tensor(name, data_type::FLOAT, dims, "n");
+        // Distinct names for the dynamic dims, so none is tied to another.
+        let shape = v.r#type.as_mut().unwrap().tensor_type.as_mut().unwrap();
+        for (k, d) in shape.shape.as_mut().unwrap().dim.iter_mut().enumerate() {
+            if let Some(DimValue::DimParam(p)) = &mut d.value {
+                *p = if k == 0 {
+                    "n".into()
+                } else {
+                    format!("{name}_{k}")
+                };
+            }
+        }
+        v
+    };
+    let src = inputs.last().unwrap().0.to_string();
+    let node = |op: &str, i: &[&str], o: &str, attribute: Vec<AttributeProto>| NodeProto {
+        input: i.iter().map(|s| s.to_string()).collect(),
+        output: vec![o.into()],
+        name: o.into(),
+        op_type: op.into(),
+        attribute,
+        ..Default::default()
+    };
+    let mut initializer = Vec::new();
+    let nodes = match op {
+        "identity" => vec![node("Identity", &[&src], "image", vec![])],
+        "nan" => {
+            initializer.push(TensorProto {
+                dims: vec![],
+                data_type: data_type::FLOAT,
+                float_data: vec![1.0],
+                name: "one".into(),
+                ..Default::default()
+            });
+            vec![
+                node("Abs", &[&src], "a", vec![]),
+                node("Neg", &["a"], "b", vec![]),
+                node("Sub", &["b", "one"], "c", vec![]),
+                node("Sqrt", &["c"], "image", vec![]),
+            ]
+        }
+        "halve" => vec![node(
+            "AveragePool",
+            &[&src],
+            "image",
+            vec![
+                AttributeProto::ints("kernel_shape", &[2, 2]),
+                AttributeProto::ints("strides", &[2, 2]),
+            ],
+        )],
+        other => panic!("toy op {other}"),
+    };
+    let operator = davi_models::Operator::for_task("denoise", 32).unwrap();
+    let md = [
+        ("davi.task", "denoise".to_string()),
+        ("davi.operator", serde_json::to_string(&operator).unwrap()),
+        ("davi.sigma_y", "0.2".into()),
+        ("davi.h", "0.1".into()),
+        ("davi.image_size", image_size.to_string()),
+        ("davi.channels", "1".into()),
+    ];
+    let model = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        producer_name: "toy".into(),
+        graph: Some(GraphProto {
+            node: nodes,
+            name: "toy".into(),
+            initializer,
+            input: inputs.iter().map(|(n, d)| value(n, d)).collect(),
+            output: vec![value("image", &out_dims)],
+            ..Default::default()
+        }),
+        metadata_props: md
+            .iter()
+            .map(|(k, v)| StringStringEntryProto {
+                key: k.to_string(),
+                value: v.clone(),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("model.onnx");
+    davi_export::write_model(model, &path, false).unwrap();
+    path
+}
+
+/// Every file under `dir`, sorted, hidden files included (symlinked folders not entered).
+pub fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                v.extend(walk(&p));
+            } else {
+                v.push(p);
+            }
+        }
+    }
+    v.sort();
+    v
+}
+
+/// Every file under `dir`: relative path (lossy text) -> bytes.
+pub fn tree(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    walk(dir)
+        .into_iter()
+        .map(|e| {
+            let bytes = std::fs::read(&e).unwrap();
+            (
+                e.strip_prefix(dir).unwrap().to_string_lossy().to_string(),
+                bytes,
+            )
+        })
+        .collect()
+}
+
+/// `davi restore -m model -i inp -o out` plus `extra`: (exit code, stdout, stderr).
+pub fn restore(
+    model: &std::path::Path,
+    inp: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let mut args = vec![
+        "restore".to_string(),
+        "-m".into(),
+        model.display().to_string(),
+        "-i".into(),
+        inp.display().to_string(),
+        "-o".into(),
+        out.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    davi(&a)
 }

@@ -1,52 +1,9 @@
 //! `davi` end to end on folders: messy inputs, determinism across batch sizes and shards,
 //! resumption after SIGKILL, execution-provider errors, and no libtorch in the binary.
 
-use davi_tests::{bin, davi, random_model, write_images};
+use davi_tests::{bin, davi, random_model, restore, tree, walk, write_images};
 use std::collections::BTreeMap;
 use std::path::Path;
-
-/// Every file under `dir` (relative path -> bytes).
-fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut m = BTreeMap::new();
-    for e in walk(dir) {
-        m.insert(
-            e.strip_prefix(dir).unwrap().display().to_string(),
-            std::fs::read(&e).unwrap(),
-        );
-    }
-    m
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut v = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                v.extend(walk(&p));
-            } else {
-                v.push(p);
-            }
-        }
-    }
-    v.sort();
-    v
-}
-
-/// `davi restore -m model -i inp -o out` plus `extra`: (exit code, stdout, stderr).
-fn restore(model: &Path, inp: &Path, out: &Path, extra: &[&str]) -> (i32, String, String) {
-    let mut args = vec![
-        "restore",
-        "-m",
-        model.to_str().unwrap(),
-        "-i",
-        inp.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    davi(&args)
-}
 
 #[test]
 fn davi_does_not_link_libtorch() {
@@ -201,55 +158,6 @@ fn outputs_do_not_depend_on_batch_size_or_sharding() {
     // Another seed gives other samples.
     let other = tree(&run("seed1", &["--seed", "1"]));
     assert_ne!(other, b1);
-}
-
-#[test]
-fn killed_run_resumes_to_identical_bytes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = random_model(&tmp.path().join("m"), "denoise");
-    let inp = tmp.path().join("in");
-    write_images(&inp, 300, 32);
-    let full = tmp.path().join("full");
-    let (code, _, err) = restore(&model, &inp, &full, &[]);
-    assert_eq!(code, 0, "{err}");
-    let part = tmp.path().join("part");
-    let mut child = std::process::Command::new(bin("davi"))
-        .args([
-            "restore",
-            "-m",
-            model.to_str().unwrap(),
-            "-i",
-            inp.to_str().unwrap(),
-            "-o",
-            part.to_str().unwrap(),
-            "--batch",
-            "4",
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Kill once some outputs exist.
-    let t = std::time::Instant::now();
-    while walk(&part).len() < 20 && t.elapsed().as_secs() < 60 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let n_before = walk(&part)
-        .iter()
-        .filter(|p| !p.to_string_lossy().ends_with(".tmp"))
-        .count();
-    assert!(
-        n_before < 300,
-        "the run finished before it was killed; nothing was tested"
-    );
-    let (code, _, err) = restore(&model, &inp, &part, &["--skip-existing"]);
-    assert_eq!(code, 0, "{err}");
-    assert!(err.contains("skipped"), "{err}");
-    // Temporary files of the killed run may remain hidden; every real output is complete and equal.
-    let mut got = tree(&part);
-    got.retain(|k, _| !k.ends_with(".tmp"));
-    assert_eq!(got, tree(&full));
 }
 
 #[test]

@@ -39,7 +39,24 @@ fn every_lock_entry_is_pinned_by_version_and_sha256() {
     let dir = root().join("scripts/lock");
     let mut n = 0;
     for e in std::fs::read_dir(&dir).unwrap() {
-        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        let path = e.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        if path.file_name().unwrap() == "debian.txt" {
+            // Debian packages: `name version sha256-of-the-.deb`.
+            for line in text
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            {
+                let w: Vec<&str> = line.split_whitespace().collect();
+                assert_eq!(w.len(), 3, "{line}");
+                assert!(
+                    w[2].len() == 64 && w[2].bytes().all(|b| b.is_ascii_hexdigit()),
+                    "{line}"
+                );
+                n += 1;
+            }
+            continue;
+        }
         // Requirement lines (continuations folded): `name==version --hash=sha256:<64 hex>`.
         let folded = text.replace("\\\n", " ");
         for line in folded.lines().filter(|l| !l.trim_start().starts_with('#')) {

@@ -1,0 +1,560 @@
+//! No input is ever lost, and no broken model or bad number passes as success: each class of
+//! the reliability issue, as a hostile user meets it.
+
+use davi_tests::{
+    bin, davi, random_model, random_model_with, restore, toy_model, tree, walk, write_images,
+};
+use std::path::{Path, PathBuf};
+
+/// The `davi: restored R of F (S skipped, X failed, ...)` line's numbers.
+fn counts(stderr: &str) -> (usize, usize, usize, usize) {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(" of ") && l.contains("skipped"))
+        .unwrap_or_else(|| panic!("no summary line in {stderr}"));
+    let nums: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (nums[0], nums[1], nums[2], nums[3])
+}
+
+#[test]
+fn an_output_never_replaces_an_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let x = tmp.path().join("x");
+    let files = write_images(&x, 3, 32);
+    let before = tree(&x);
+    let refused = |args: (i32, String, String), what: &str| {
+        let (code, _, err) = args;
+        assert_eq!(code, 2, "{what}: {err}");
+        assert!(err.contains("refused"), "{what}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{what}: one line: {err}");
+    };
+    // A single file restored into its own folder.
+    refused(restore(&model, &files[0], &x, &[]), "file into its folder");
+    // -o equal to -i, directly and through a symlink.
+    refused(restore(&model, &x, &x, &[]), "-o = -i");
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&x, &link).unwrap();
+    refused(restore(&model, &x, &link, &[]), "-o a symlink to -i");
+    // The input folder inside the output folder, where a mirrored path lands on an input
+    // (in/img_000.png -> out/in/img_000.png), or into the input folder (read back next time).
+    let out = tmp.path().join("out");
+    write_images(&out.join("in/in"), 1, 32);
+    refused(
+        restore(&model, &out.join("in"), &out, &[]),
+        "outputs into the input folder",
+    );
+    write_images(&out.join("in"), 1, 32);
+    let before_out = tree(&out);
+    refused(
+        restore(&model, &out.join("in"), &out, &[]),
+        "overlapping trees",
+    );
+    assert_eq!(tree(&out), before_out);
+    // --report on an input, or on an image name.
+    let o2 = tmp.path().join("o2");
+    refused(
+        restore(&model, &x, &o2, &["--report", files[1].to_str().unwrap()]),
+        "--report on an input",
+    );
+    refused(
+        restore(
+            &model,
+            &x,
+            &o2,
+            &["--report", tmp.path().join("r.png").to_str().unwrap()],
+        ),
+        "--report on an image name",
+    );
+    assert_eq!(tree(&x), before, "an input changed");
+    assert!(
+        !o2.exists() || tree(&o2).is_empty(),
+        "something was written"
+    );
+}
+
+#[test]
+fn two_inputs_never_become_one_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    let src = write_images(&tmp.path().join("src"), 4, 32);
+    std::fs::create_dir_all(&inp).unwrap();
+    // a.png, a.bmp, a.tif: one stem, three images.
+    for (i, ext) in ["png", "bmp", "tif"].iter().enumerate() {
+        let img = image::open(&src[i]).unwrap();
+        img.save(inp.join(format!("a.{ext}"))).unwrap();
+    }
+    // Names that differ only in bytes that are not UTF-8.
+    use std::os::unix::ffi::OsStrExt;
+    for b in [0xffu8, 0xfe] {
+        let mut name = b"b".to_vec();
+        name.push(b);
+        name.extend_from_slice(b".png");
+        std::fs::copy(&src[3], inp.join(std::ffi::OsStr::from_bytes(&name))).unwrap();
+    }
+    let out = tmp.path().join("out");
+    let (code, _, err) = restore(&model, &inp, &out, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(counts(&err), (5, 5, 0, 0), "{err}");
+    // Listed as paths: the two names that are not UTF-8 would fold into one as text.
+    let names: Vec<String> = walk(&out)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names.len(), 5, "{names:?}");
+    for n in ["a.png.png", "a.bmp.png", "a.tif.png"] {
+        assert!(names.contains(&n.to_string()), "{n} missing: {names:?}");
+    }
+    // Each a.* output is the restoration of its own input: restore each alone and compare.
+    for ext in ["png", "bmp", "tif"] {
+        let one = tmp.path().join(format!("one-{ext}"));
+        let (code, _, err) = restore(&model, &inp.join(format!("a.{ext}")), &one, &[]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(
+            std::fs::read(one.join("a.png")).unwrap(),
+            std::fs::read(out.join(format!("a.{ext}.png"))).unwrap(),
+            "a.{ext}"
+        );
+    }
+    // --samples outputs against inputs named like them.
+    let inp2 = tmp.path().join("in2");
+    std::fs::create_dir_all(&inp2).unwrap();
+    std::fs::copy(&src[0], inp2.join("c.png")).unwrap();
+    std::fs::copy(&src[1], inp2.join("c.sample0.png")).unwrap();
+    std::fs::copy(&src[2], inp2.join("c.std.png")).unwrap();
+    let out2 = tmp.path().join("out2");
+    let (code, _, err) = restore(&model, &inp2, &out2, &["--samples", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(counts(&err), (3, 3, 0, 0), "{err}");
+    // 3 inputs x (2 samples + std + mean), all distinct.
+    assert_eq!(tree(&out2).len(), 12, "{:?}", tree(&out2).keys());
+}
+
+#[test]
+fn a_rerun_removes_the_temporaries_of_dead_writers_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    write_images(&inp, 3, 32);
+    let full = tmp.path().join("full");
+    assert_eq!(restore(&model, &inp, &full, &[]).0, 0);
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(out.join("sub")).unwrap();
+    // A writer that ran and died, and one that is alive (this test process).
+    let dead = {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let stale = out.join(format!("sub/.img_000.png.{dead}.tmp"));
+    let live = out.join(format!(".img_001.png.{}.tmp", std::process::id()));
+    std::fs::write(&stale, b"half").unwrap();
+    std::fs::write(&live, b"being written").unwrap();
+    let (code, _, err) = restore(&model, &inp, &out, &["--skip-existing"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!stale.exists(), "the dead writer's temporary stayed");
+    assert!(live.exists(), "a live writer's temporary was removed");
+    std::fs::remove_file(&live).unwrap();
+    std::fs::remove_dir(out.join("sub")).unwrap();
+    assert_eq!(tree(&out), tree(&full));
+}
+
+#[test]
+fn a_run_killed_at_any_moment_resumes_to_the_identical_tree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    write_images(&inp, 200, 32);
+    let full = tmp.path().join("full");
+    assert_eq!(restore(&model, &inp, &full, &["--samples", "2"]).0, 0);
+    let want = tree(&full);
+    // Kill at several moments; each time the rerun ends with exactly the uninterrupted tree,
+    // temporaries included.
+    for (k, wait_files) in [1usize, 40, 200].into_iter().enumerate() {
+        let part = tmp.path().join(format!("part{k}"));
+        let mut child = std::process::Command::new(bin("davi"))
+            .args(["restore", "--batch", "2", "--samples", "2", "-m"])
+            .arg(&model)
+            .arg("-i")
+            .arg(&inp)
+            .arg("-o")
+            .arg(&part)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        while walk(&part).len() < wait_files && t.elapsed().as_secs() < 60 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (code, _, err) = restore(&model, &inp, &part, &["--skip-existing", "--samples", "2"]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(tree(&part), want, "kill after {wait_files} files");
+    }
+}
+
+/// A genuine parity file of `model`: K inputs and what ONNX Runtime computes for them.
+fn parity_file(model: &Path, out: &Path, nan_image: bool) {
+    use ndarray::Array4;
+    let mut m = davi_runtime::Model::load(model, &davi_runtime::SessionOptions::default()).unwrap();
+    let meas = Array4::<f32>::from_shape_fn((2, 1, 32, 32), |(n, _, i, j)| {
+        ((n + i * 3 + j) % 11) as f32 / 5.5 - 1.0
+    });
+    let z = Array4::<f32>::from_shape_fn((2, 1, 32, 32), |(n, _, i, j)| {
+        ((n * 5 + i + j * 7) % 13) as f32 / 6.5 - 1.0
+    });
+    let mut img = m.restore(&meas, &z).unwrap();
+    if nan_image {
+        img.fill(f32::NAN);
+    }
+    let bytes = |a: &[f32]| a.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let (mb, zb, ib) = (
+        bytes(meas.as_slice().unwrap()),
+        bytes(z.as_slice().unwrap()),
+        bytes(img.as_slice().unwrap()),
+    );
+    fn view(b: &[u8]) -> safetensors::tensor::TensorView<'_> {
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 1, 32, 32], b)
+            .unwrap()
+    }
+    let data = safetensors::serialize(
+        [
+            ("measurement", view(&mb)),
+            ("noise", view(&zb)),
+            ("image", view(&ib)),
+        ],
+        None,
+    )
+    .unwrap();
+    std::fs::write(out, data).unwrap();
+}
+
+#[test]
+fn verify_fails_on_any_non_finite_value() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = toy_model(
+        &tmp.path().join("good"),
+        &[
+            ("measurement", [None, Some(1), Some(32), Some(32)]),
+            ("noise", [None, Some(1), Some(32), Some(32)]),
+        ],
+        [None, Some(1), Some(32), Some(32)],
+        "identity",
+        32,
+    );
+    let nan = toy_model(
+        &tmp.path().join("nan"),
+        &[
+            ("measurement", [None, Some(1), Some(32), Some(32)]),
+            ("noise", [None, Some(1), Some(32), Some(32)]),
+        ],
+        [None, Some(1), Some(32), Some(32)],
+        "nan",
+        32,
+    );
+    let genuine = tmp.path().join("genuine.safetensors");
+    parity_file(&good, &genuine, false);
+    let nan_parity = tmp.path().join("nan.safetensors");
+    parity_file(&good, &nan_parity, true);
+    let verify = |m: &Path, p: &Path| {
+        davi(&[
+            "verify",
+            "-m",
+            m.to_str().unwrap(),
+            "--parity",
+            p.to_str().unwrap(),
+        ])
+    };
+    let (code, out, _) = verify(&good, &genuine);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("PASS"));
+    for (m, p, what) in [
+        (&nan, &genuine, "a NaN model"),
+        (&good, &nan_parity, "a NaN parity file"),
+    ] {
+        let (code, out, err) = verify(m, p);
+        assert_eq!(code, 1, "{what}: {out}{err}");
+        assert!(out.contains("FAIL") && out.contains("NaN"), "{what}: {out}");
+    }
+}
+
+#[test]
+fn restore_checks_what_the_model_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let io = [
+        ("measurement", [None, Some(1), Some(32), Some(32)]),
+        ("noise", [None, Some(1), Some(32), Some(32)]),
+    ];
+    let inp = tmp.path().join("in");
+    write_images(&inp, 5, 32);
+    // NaN: every file fails with the reason, nothing is written.
+    let nan = toy_model(
+        &tmp.path().join("nan"),
+        &io,
+        [None, Some(1), Some(32), Some(32)],
+        "nan",
+        32,
+    );
+    let out = tmp.path().join("out-nan");
+    let (code, _, err) = restore(&nan, &inp, &out, &["--batch", "2", "--samples", "3"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(counts(&err), (0, 5, 0, 5), "{err}");
+    assert!(err.contains("NaN"), "{err}");
+    assert!(tree(&out).is_empty(), "{:?}", tree(&out).keys());
+    // 16x16 where the metadata says 32, the output's shape left open in the graph: the model's
+    // fault, one message, exit 2, nothing written.
+    let small = toy_model(
+        &tmp.path().join("small"),
+        &io,
+        [None, Some(1), None, None],
+        "halve",
+        32,
+    );
+    let out = tmp.path().join("out-small");
+    let (code, _, err) = restore(&small, &inp, &out, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("[1, 1, 16, 16]") || err.contains("16, 16]"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(tree(&out).is_empty());
+}
+
+#[test]
+fn model_faults_are_one_message_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inp = tmp.path().join("in");
+    write_images(&inp, 4, 32);
+    let d = [None, Some(1), Some(32), Some(32)];
+    let cases: Vec<(&str, PathBuf, &str)> = vec![
+        (
+            "renamed inputs",
+            toy_model(
+                &tmp.path().join("a"),
+                &[("x", d), ("z", d)],
+                d,
+                "identity",
+                32,
+            ),
+            "inputs",
+        ),
+        (
+            "wrong channel count",
+            toy_model(
+                &tmp.path().join("b"),
+                &[
+                    ("measurement", d),
+                    ("noise", [None, Some(3), Some(32), Some(32)]),
+                ],
+                [None, Some(3), Some(32), Some(32)],
+                "identity",
+                32,
+            ),
+            "'noise' has shape",
+        ),
+        (
+            "image_size metadata against the graph",
+            toy_model(
+                &tmp.path().join("c"),
+                &[("measurement", d), ("noise", d)],
+                d,
+                "identity",
+                16,
+            ),
+            "davi.image_size 16",
+        ),
+    ];
+    for (what, model, says) in cases {
+        let (code, _, err) = restore(&model, &inp, &tmp.path().join("out"), &[]);
+        assert_eq!(code, 2, "{what}: {err}");
+        assert!(err.contains(says), "{what}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{what}: one message: {err}");
+    }
+    assert!(!tmp.path().join("out").exists() || tree(&tmp.path().join("out")).is_empty());
+    // A fixed batch dimension is no fault: runs are padded to it, and the bytes are the same.
+    let opts = davi_export::ExportOptions {
+        static_batch: Some(3),
+        ..Default::default()
+    };
+    let fixed = random_model_with(&tmp.path().join("fixed"), "sr", &opts);
+    let dynamic = random_model(&tmp.path().join("dyn"), "sr");
+    let sr_in = tmp.path().join("sr-in");
+    write_images(&sr_in, 5, 8);
+    let (a, b) = (tmp.path().join("o-fixed"), tmp.path().join("o-dyn"));
+    let (code, _, err) = restore(&fixed, &sr_in, &a, &["--batch", "4"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(restore(&dynamic, &sr_in, &b, &[]).0, 0);
+    assert_eq!(tree(&a), tree(&b));
+}
+
+#[test]
+fn bad_numbers_and_empty_inputs_are_usage_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    write_images(&clean, 2, 32);
+    for s in ["NaN", "inf", "-0.1"] {
+        let (code, _, err) = davi(&[
+            "degrade",
+            "--task",
+            "denoise",
+            "-i",
+            clean.to_str().unwrap(),
+            "-o",
+            tmp.path().join("deg").to_str().unwrap(),
+            &format!("--sigma-y={s}"),
+        ]);
+        assert_eq!(code, 2, "--sigma-y {s}: {err}");
+        assert!(err.contains("sigma-y"), "{err}");
+    }
+    assert!(!tmp.path().join("deg").exists());
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (code, out, err) = davi(&[
+        "eval",
+        "--restored",
+        empty.to_str().unwrap(),
+        "--reference",
+        clean.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(!out.contains("NaN"), "{out}");
+    let model = tmp.path().join("empty.onnx");
+    std::fs::write(&model, b"").unwrap();
+    let (code, _, err) = davi(&["info", "-m", model.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+}
+
+/// A PNG that declares `w` x `h` pixels and holds no pixel data: a decompression bomb's header.
+fn png_header_only(path: &Path, w: u32, h: u32) {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in bytes {
+            c ^= b as u32;
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xedb8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut v = (data.len() as u32).to_be_bytes().to_vec();
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        v.extend_from_slice(&body);
+        v.extend_from_slice(&crc32(&body).to_be_bytes());
+        v
+    };
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit grey
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    // One row's worth of zlib data: the rest never comes.
+    png.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01],
+    ));
+    png.extend(chunk(b"IEND", &[]));
+    std::fs::write(path, png).unwrap();
+}
+
+#[test]
+fn limits_are_refused_with_a_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    write_images(&inp, 1, 32);
+    png_header_only(&inp.join("bomb.png"), 20000, 20000);
+    let (code, _, err) = restore(&model, &inp, &tmp.path().join("out"), &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("bomb.png") && err.contains("--max-pixels") && err.contains("not decoded"),
+        "{err}"
+    );
+    let (code, _, err) = restore(
+        &model,
+        &inp,
+        &tmp.path().join("out2"),
+        &["--max-pixels", "100"],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(counts(&err), (0, 2, 0, 2), "{err}");
+    // What the machine cannot hold.
+    let (code, _, err) = restore(
+        &model,
+        &inp,
+        &tmp.path().join("o3"),
+        &["--threads", "100000"],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--threads"), "{err}");
+    let (code, _, err) = davi(&[
+        "bench",
+        "-m",
+        model.to_str().unwrap(),
+        "--batch",
+        "60000",
+        "--seconds",
+        "0.1",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("at most"), "{err}");
+    let (code, _, err) = restore(
+        &model,
+        &inp,
+        &tmp.path().join("o4"),
+        &["--samples", "100000"],
+    );
+    assert_eq!(code, 2, "{err}");
+}
+
+#[test]
+fn counts_add_up_and_every_odd_file_is_named_on_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    write_images(&inp, 2, 32);
+    std::os::unix::fs::symlink("/nonexistent/x.png", inp.join("broken.png")).unwrap();
+    std::os::unix::fs::symlink("/etc", inp.join("outside")).unwrap();
+    let fifo = inp.join("pipe.png");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let weird = inp.join("new\nline.png");
+    std::fs::write(&weird, b"not a png").unwrap();
+    let report = tmp.path().join("report.json");
+    let (code, _, err) = restore(
+        &model,
+        &inp,
+        &tmp.path().join("out"),
+        &["--report", report.to_str().unwrap()],
+    );
+    assert_eq!(code, 1, "{err}");
+    let (restored, found, skipped, failed) = counts(&err);
+    assert_eq!(found, restored + skipped + failed, "{err}");
+    assert_eq!((restored, failed), (2, 4), "{err}");
+    assert!(err.contains("pipe.png") && err.contains("FIFO"), "{err}");
+    assert!(err.contains("new\\nline.png"), "{err}");
+    // One failure, one line.
+    assert_eq!(
+        err.lines().filter(|l| l.contains("failed:")).count(),
+        4,
+        "{err}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["found"], 6);
+    assert_eq!(r["failed"].as_array().unwrap().len(), 4);
+}
