@@ -1,7 +1,7 @@
 //! `davi` end to end on folders: messy inputs, determinism across batch sizes and shards,
 //! resumption after SIGKILL, execution-provider errors, and no libtorch in the binary.
 
-use davi_tests::{bin, davi, random_model, restore, tree, walk, write_images};
+use davi_tests::{bin, davi, random_model, restore, tree, write_images};
 use std::collections::BTreeMap;
 use std::path::Path;
 
