@@ -96,20 +96,30 @@ impl Diffusion {
     /// Coefficients `(c0, ct)` of the posterior mean of `q(x_{t-1} | x_t, x0)`:
     /// `mu = c0 x0 + ct x_t`.
     pub fn posterior_mean_coefs(&self, t: usize) -> (f64, f64) {
-        let (ab, ab_prev, beta) = (
+        let p = Posterior::between(
             self.alphas_cumprod[t],
             self.alpha_bar_prev(t),
             self.betas[t],
         );
-        (
-            ab_prev.sqrt() * beta / (1.0 - ab),
-            (1.0 - beta).sqrt() * (1.0 - ab_prev) / (1.0 - ab),
-        )
+        (p.c0, p.ct)
     }
 
     /// Variance `beta_t (1 - ab_{t-1}) / (1 - ab_t)` of `q(x_{t-1} | x_t, x0)` (0 at `t = 0`).
     pub fn posterior_variance(&self, t: usize) -> f64 {
-        self.betas[t] * (1.0 - self.alpha_bar_prev(t)) / (1.0 - self.alphas_cumprod[t])
+        Posterior::between(
+            self.alphas_cumprod[t],
+            self.alpha_bar_prev(t),
+            self.betas[t],
+        )
+        .variance
+    }
+
+    /// The posterior from step `t` to an earlier step `prev` (`None`: to `x0`), as a respaced
+    /// sampler (DPS on fewer steps) takes it: `beta = 1 - ab_t / ab_prev`.
+    pub fn posterior_to(&self, t: usize, prev: Option<usize>) -> Posterior {
+        let ab = self.alphas_cumprod[t];
+        let ab_prev = prev.map_or(1.0, |p| self.alphas_cumprod[p]);
+        Posterior::between(ab, ab_prev, 1.0 - ab / ab_prev)
     }
 
     /// Log of the posterior variance with `t = 0` clipped to `t = 1`'s (it is 0 there): the
@@ -130,6 +140,30 @@ impl Diffusion {
     pub fn ikl_weight(&self, t: usize) -> f64 {
         let ab = self.alphas_cumprod[t];
         (ab / (1.0 - ab)).sqrt()
+    }
+}
+
+/// `q(x_prev | x_t, x0) = N(c0 x0 + ct x_t, variance)` between two steps of a schedule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Posterior {
+    /// Coefficient of `x0` in the mean.
+    pub c0: f64,
+    /// Coefficient of `x_t` in the mean.
+    pub ct: f64,
+    /// The variance.
+    pub variance: f64,
+}
+
+impl Posterior {
+    /// With `ab = ab_t`, `ab_prev` and `beta` the step's beta:
+    /// `c0 = sqrt(ab_prev) beta / (1 - ab)`, `ct = sqrt(1 - beta) (1 - ab_prev) / (1 - ab)`,
+    /// `variance = beta (1 - ab_prev) / (1 - ab)`.
+    pub fn between(ab: f64, ab_prev: f64, beta: f64) -> Self {
+        Self {
+            c0: ab_prev.sqrt() * beta / (1.0 - ab),
+            ct: (1.0 - beta).sqrt() * (1.0 - ab_prev) / (1.0 - ab),
+            variance: beta * (1.0 - ab_prev) / (1.0 - ab),
+        }
     }
 }
 

@@ -10,10 +10,10 @@ use crate::gan::{adaptive_weight, PatchGan};
 use crate::params::{AdamW, Ema, ParamSet};
 use crate::prior::{step_rng, strip};
 use crate::run::Run;
-use crate::{checkpoint, diffusion};
+use crate::{checkpoint, losses};
 use anyhow::{bail, Context, Result};
 use davi_models::schedule::{beta31_step, Diffusion};
-use davi_models::{DaviConfig, Implicit, Operator};
+use davi_models::{DaviConfig, Implicit};
 use rand::Rng;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -60,8 +60,8 @@ pub struct Trainer {
     pub implicit: Implicit,
     /// The prior's diffusion.
     pub diffusion: Diffusion,
-    /// Frozen teacher weights.
-    pub teacher: std::collections::HashMap<String, Tensor>,
+    /// The frozen teacher, as a backend built once.
+    pub teacher: TchBackend,
     /// `s_psi`.
     pub aux_score: ParamSet,
     /// `phi`.
@@ -82,18 +82,7 @@ pub struct Trainer {
     pub device: Device,
 }
 
-/// `H x + sigma_y n`.
-pub fn measure(
-    op: &Operator,
-    b: &TchBackend,
-    x0: &Tensor,
-    c: usize,
-    s: usize,
-    sigma_y: f64,
-) -> Tensor {
-    let hx = op.forward(b, x0, c, s);
-    &hx + Tensor::randn_like(&hx) * sigma_y
-}
+pub use crate::losses::measure;
 
 impl Trainer {
     /// Teacher, `s_psi` and `phi` all start from the prior's weights.
@@ -121,7 +110,10 @@ impl Trainer {
             )?),
             None => None,
         };
-        let teacher = teacher.into_iter().map(|(k, v)| (k, v.detach())).collect();
+        let teacher = TchBackend::new(
+            teacher.into_iter().map(|(k, v)| (k, v.detach())).collect(),
+            device,
+        );
         if hp.t_ikl == 0 || hp.t_ikl > diffusion.steps() {
             bail!("t_ikl {} must be in 1..={}", hp.t_ikl, diffusion.steps());
         }
@@ -182,13 +174,17 @@ impl Trainer {
             Ok(self.implicit.output_map(&b, &x_a, &a)?)
         })?;
         let t = draw_t(&mut rng);
-        let eps = Tensor::randn_like(&x_hat);
-        let x_t = diffusion::q_sample(&self.diffusion, &x_hat, &t, &eps);
         let mut bpsi = TchBackend::new(self.aux_score.handles(), self.device);
         bpsi.train = true;
-        let dsm = (diffusion::eps(&self.implicit.unet, &bpsi, &x_t, &t)? - &eps)
-            .square()
-            .mean(Kind::Float);
+        let eps = Tensor::randn_like(&x_hat);
+        let dsm = losses::dsm(
+            &self.implicit.unet,
+            &bpsi,
+            &self.diffusion,
+            &x_hat,
+            &t,
+            &eps,
+        )?;
         let dsm_v = dsm.double_value(&[]);
         if !dsm_v.is_finite() {
             bail!("s_psi loss is {dsm_v} at step {step}");
@@ -198,7 +194,7 @@ impl Trainer {
         self.aux_score.clip_grad_norm(hp.grad_clip);
         self.opt_psi.step(&mut self.aux_score);
 
-        // 2. phi: IKL surrogate + data consistency + supervised term.
+        // 2. phi: IKL surrogate + data consistency + ground-truth term.
         let a = draw_a(&mut rng);
         let mut bphi = TchBackend::new(self.phi.handles(), self.device);
         bphi.train = true;
@@ -207,45 +203,20 @@ impl Trainer {
             .bridge_sample(&bphi, x0, &y_lift, &Tensor::randn_like(x0), &a);
         let x_hat = self.implicit.output_map(&bphi, &x_a, &a)?;
         let t = draw_t(&mut rng);
-        let grad = tch::no_grad(|| -> Result<Tensor> {
-            let eps = Tensor::randn_like(&x_hat);
-            let x_t = diffusion::q_sample(&self.diffusion, &x_hat.detach(), &t, &eps);
-            let bt = TchBackend::new(
-                self.teacher
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.shallow_clone()))
-                    .collect(),
-                self.device,
-            );
-            let bp = TchBackend::new(self.aux_score.frozen(), self.device);
-            let x0_theta = diffusion::x0_from_eps(
-                &self.diffusion,
-                &x_t,
-                &t,
-                &diffusion::eps(&self.implicit.unet, &bt, &x_t, &t)?,
-            );
-            let x0_psi = diffusion::x0_from_eps(
-                &self.diffusion,
-                &x_t,
-                &t,
-                &diffusion::eps(&self.implicit.unet, &bp, &x_t, &t)?,
-            );
-            let w = diffusion::column(&t, |t| self.diffusion.ikl_weight(t), self.device);
-            Ok((x0_psi - x0_theta) * w)
-        })?;
-        let ikl = (&grad * &x_hat).mean(Kind::Float);
-        let con = (op.forward(&cb, &x_hat, c, s) - &y)
-            .square()
-            .mean(Kind::Float);
-        let reg = match op {
-            Operator::Inpaint { .. } => {
-                (x0 - &x_hat).square().mean(Kind::Float) * 0.1
-                    + (op.forward(&cb, x0, c, s) - op.forward(&cb, &x_hat, c, s))
-                        .square()
-                        .mean(Kind::Float)
-            }
-            _ => (x0 - &x_hat).square().mean(Kind::Float),
-        };
+        let eps = Tensor::randn_like(&x_hat);
+        let bp = TchBackend::new(self.aux_score.frozen(), self.device);
+        let g = losses::ikl_gradient(
+            &self.implicit.unet,
+            &self.teacher,
+            &bp,
+            &self.diffusion,
+            &x_hat,
+            &t,
+            &eps,
+        )?;
+        let ikl = losses::ikl_surrogate(&g, &x_hat);
+        let con = losses::data_consistency(&op, &cb, &x_hat, &y, c, s);
+        let reg = losses::ground_truth(&op, &cb, x0, &x_hat, c, s);
         let mut total = &ikl + &con * hp.weight_con + &reg * hp.reg_coeff;
         let (mut gan_g, mut gan_w) = (0.0, 0.0);
         let gan_on = self.gan.as_ref().is_some_and(|g| step >= g.cfg.start);

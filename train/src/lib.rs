@@ -13,6 +13,7 @@ pub mod dps;
 pub mod eval;
 pub mod export;
 pub mod gan;
+pub mod losses;
 pub mod params;
 pub mod plot;
 pub mod prior;

@@ -234,18 +234,43 @@ fn ikl_surrogate_puts_the_method_gradient_on_x_hat() {
     let _serial = serial();
     // L = mean(stopgrad(g) * x_hat) => dL/dx_hat = g / D.
     let x_hat = Tensor::randn([2, 1, 4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-    let d = Diffusion::new(BetaSchedule::Linear, 1000);
-    let x0_psi = Tensor::randn([2, 1, 4, 4], (Kind::Float, Device::Cpu));
-    let x0_theta = Tensor::randn([2, 1, 4, 4], (Kind::Float, Device::Cpu));
-    let ts = [10usize, 500];
-    let w = diffusion::column(&ts, |t| d.ikl_weight(t), Device::Cpu);
-    let g = (&x0_psi - &x0_theta) * &w;
-    let loss = (&g * &x_hat).mean(Kind::Float);
+    let g = Tensor::randn([2, 1, 4, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let loss = davi_train::losses::ikl_surrogate(&g, &x_hat);
     loss.backward();
-    let want = &g / 32.0;
+    let want = &g.detach() / 32.0;
     assert!(max_diff(&x_hat.grad(), &want) < 1e-7);
-    let w10 = (d.alphas_cumprod[10] / (1.0 - d.alphas_cumprod[10])).sqrt();
-    assert!((f64::try_from(w.get(0).flatten(0, -1).get(0)).unwrap() - w10).abs() < 1e-3 * w10);
+    assert!(!g.grad().defined() || f64::try_from(g.grad().abs().max()).unwrap() == 0.0);
+}
+
+#[test]
+fn ikl_gradient_is_the_weighted_difference_of_the_two_x0_estimates() {
+    let _serial = serial();
+    // With s_psi = s_theta the gradient vanishes; with s_psi predicting eps + delta it is
+    // -sqrt(ab/(1-ab)) * sqrt((1-ab)/ab) delta = -delta, whatever t.
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = davi_cfg(tmp.path(), "{task: denoise}");
+    let unet = davi_models::UNetModel::new(&cfg.unet).unwrap();
+    let (c, sz) = (cfg.unet.in_channels as i64, cfg.unet.image_size as i64);
+    let d = Diffusion::new(BetaSchedule::Linear, 1000);
+    let params = davi_train::params::ParamSet::init(&unet, 3, Device::Cpu);
+    let teacher = TchBackend::new(params.frozen(), Device::Cpu);
+    let same = TchBackend::new(params.frozen(), Device::Cpu);
+    let x_hat = Tensor::randn([2, c, sz, sz], (Kind::Float, Device::Cpu));
+    let noise = Tensor::randn([2, c, sz, sz], (Kind::Float, Device::Cpu));
+    let ts = [10usize, 500];
+    let g =
+        davi_train::losses::ikl_gradient(&unet, &teacher, &same, &d, &x_hat, &ts, &noise).unwrap();
+    assert!(f64::try_from(g.abs().max()).unwrap() < 1e-6);
+    // Shift the last layer's bias of s_psi by delta: its eps moves by delta everywhere.
+    let mut shifted = params.frozen();
+    let delta = 0.25;
+    let bias = shifted["out.2.bias"].shallow_clone() + delta;
+    shifted.insert("out.2.bias".into(), bias);
+    let psi = TchBackend::new(shifted, Device::Cpu);
+    let g =
+        davi_train::losses::ikl_gradient(&unet, &teacher, &psi, &d, &x_hat, &ts, &noise).unwrap();
+    let want = Tensor::full([2, c, sz, sz], -delta, (Kind::Float, Device::Cpu));
+    assert!(max_diff(&g, &want) < 1e-3, "{}", max_diff(&g, &want));
 }
 
 fn davi_cfg(dir: &Path, task: &str) -> DaviConfig {
