@@ -6,6 +6,7 @@
 use crate::backend::TchBackend;
 use crate::config::{train_config, DaviTrain};
 use crate::data::{Dataset, Split};
+use crate::driver::{drive, finite, Schedule, Trainee};
 use crate::gan::{adaptive_weight, PatchGan};
 use crate::params::{AdamW, Ema, ParamSet};
 use crate::prior::{step_rng, strip};
@@ -15,8 +16,8 @@ use anyhow::{bail, Context, Result};
 use davi_models::schedule::{beta31_step, Diffusion};
 use davi_models::{DaviConfig, Implicit};
 use rand::Rng;
-use std::path::PathBuf;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 /// What `davi` was asked.
@@ -185,10 +186,7 @@ impl Trainer {
             &t,
             &eps,
         )?;
-        let dsm_v = dsm.double_value(&[]);
-        if !dsm_v.is_finite() {
-            bail!("s_psi loss is {dsm_v} at step {step}");
-        }
+        let dsm_v = finite("s_psi loss", dsm.double_value(&[]), step)?;
         self.aux_score.zero_grad();
         dsm.backward();
         self.aux_score.clip_grad_norm(hp.grad_clip);
@@ -228,10 +226,7 @@ impl Trainer {
             gan_g = gen.double_value(&[]);
             total = &total + gen * gan_w;
         }
-        let total_v = total.double_value(&[]);
-        if !total_v.is_finite() {
-            bail!("I_phi loss is {total_v} at step {step}");
-        }
+        let total_v = finite("I_phi loss", total.double_value(&[]), step)?;
         self.phi.zero_grad();
         total.backward();
         self.phi.clip_grad_norm(hp.grad_clip);
@@ -256,12 +251,7 @@ impl Trainer {
     /// Everything a checkpoint holds.
     pub fn named(&self) -> Vec<(String, Tensor)> {
         let mut all = self.phi.named("implicit.");
-        all.extend(
-            self.ema
-                .tensors
-                .iter()
-                .map(|(k, v)| (format!("ema.{k}"), v.shallow_clone())),
-        );
+        all.extend(self.ema.named("ema."));
         all.extend(self.aux_score.named("aux_score."));
         all.extend(self.opt_phi.named("opt_phi."));
         all.extend(self.opt_psi.named("opt_psi."));
@@ -293,6 +283,38 @@ impl Trainer {
     }
 }
 
+impl Trainee for Trainer {
+    fn columns(&self) -> Vec<&'static str> {
+        let mut columns = vec!["total", "ikl", "con", "reg", "dsm", "steps_per_s"];
+        if self.gan.is_some() {
+            columns.extend(["gan_g", "gan_d", "gan_w"]);
+        }
+        columns
+    }
+
+    fn step(&mut self, x0: &Tensor, step: usize) -> Result<Vec<f64>> {
+        let t = Trainer::step(self, x0, step)?;
+        let mut row = vec![t.total, t.ikl, t.con, t.reg, t.dsm];
+        if self.gan.is_some() {
+            row.extend([t.gan_g, t.gan_d, t.gan_w]);
+        }
+        Ok(row)
+    }
+
+    fn named(&self) -> Vec<(String, Tensor)> {
+        Trainer::named(self)
+    }
+
+    fn load(&mut self, all: &HashMap<String, Tensor>, step: usize) -> Result<()> {
+        Trainer::load(self, all, step)
+    }
+
+    /// Writes the EMA weights `ema.safetensors`, what export reads.
+    fn finish(&mut self, dir: &Path) -> Result<()> {
+        checkpoint::save_tensors(&dir.join("ema.safetensors"), &self.ema.named(""))
+    }
+}
+
 /// Trains (or resumes) a DAVI model. Returns the run folder.
 pub fn train(args: &DaviArgs) -> Result<PathBuf> {
     let cfg = DaviConfig::from_file(&args.config)?;
@@ -317,7 +339,7 @@ pub fn train(args: &DaviArgs) -> Result<PathBuf> {
     let data = Dataset::open(&data_cfg, Split::Train, c, s, hp.skip_bad_files)?;
     let unet = davi_models::UNetModel::new(&cfg.unet)?;
     let teacher = checkpoint::load_params(
-        std::path::Path::new(&hp.teacher),
+        Path::new(&hp.teacher),
         unet.param_shapes(),
         Some("ema."),
         args.device,
@@ -326,20 +348,8 @@ pub fn train(args: &DaviArgs) -> Result<PathBuf> {
         .run
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
-    let hash = cfg.hash();
-    let mut columns = vec!["total", "ikl", "con", "reg", "dsm", "steps_per_s"];
-    if hp.gan.is_some() {
-        columns.extend(["gan_g", "gan_d", "gan_w"]);
-    }
-    let run = Run::open(&dir, &serde_yaml::to_string(&cfg)?, &columns, hp.keep)?;
     let mut tr = Trainer::new(&cfg, hp.clone(), teacher, args.device)?;
-    let mut start = 0;
-    let mut seconds0 = 0.0;
-    if let Some((st, all)) = run.resume(&hash, args.device)? {
-        tr.load(&all, st.step)?;
-        start = st.step;
-        seconds0 = st.seconds;
-    }
+    let run = Run::open(&dir, &serde_yaml::to_string(&cfg)?, &tr.columns(), hp.keep)?;
     tracing::info!(
         "davi {} ({}): {} steps of {} on {}",
         cfg.name,
@@ -348,65 +358,13 @@ pub fn train(args: &DaviArgs) -> Result<PathBuf> {
         hp.batch_size,
         data.name
     );
-    let bar = indicatif::ProgressBar::new(hp.steps as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
-            .expect("template"),
-    );
-    bar.set_position(start as u64);
-    let t0 = Instant::now();
-    let mut step = start;
-    while step < hp.steps {
-        let idx = data.batch_indices(hp.seed, step, hp.batch_size);
-        let batch = data.batch(&idx)?;
-        let x0 = Tensor::from_slice(&batch)
-            .reshape([hp.batch_size as i64, c as i64, s as i64, s as i64])
-            .to_device(args.device);
-        let terms = tr.step(&x0, step).with_context(|| {
-            format!(
-                "stopping; the last good checkpoint in {} is kept",
-                dir.display()
-            )
-        })?;
-        step += 1;
-        let sps = (step - start) as f64 / t0.elapsed().as_secs_f64();
-        bar.set_position(step as u64);
-        bar.set_message(format!(
-            "loss {:.4} con {:.4} {sps:.2} steps/s",
-            terms.total, terms.con
-        ));
-        if step % 10 == 0 || step == hp.steps {
-            let mut row = vec![terms.total, terms.ikl, terms.con, terms.reg, terms.dsm, sps];
-            if hp.gan.is_some() {
-                row.extend([terms.gan_g, terms.gan_d, terms.gan_w]);
-            }
-            run.log(step, &row)?;
-        }
-        let stop = run.stop_requested();
-        if step % hp.checkpoint_every == 0 || step == hp.steps || stop {
-            run.checkpoint(
-                step,
-                &tr.named(),
-                &hash,
-                seconds0 + t0.elapsed().as_secs_f64(),
-            )?;
-            run.plot()?;
-        }
-        if stop {
-            bar.abandon_with_message(format!(
-                "stopped at step {step}; resume with --resume {}",
-                dir.display()
-            ));
-            return Ok(dir);
-        }
-    }
-    bar.finish_with_message("done");
-    let named: Vec<(String, Tensor)> = tr
-        .ema
-        .tensors
-        .iter()
-        .map(|(k, v)| (k.clone(), v.shallow_clone()))
-        .collect();
-    checkpoint::save_tensors(&dir.join("ema.safetensors"), &named)?;
+    let sched = Schedule {
+        steps: hp.steps,
+        batch_size: hp.batch_size,
+        seed: hp.seed,
+        checkpoint_every: hp.checkpoint_every,
+        device: args.device,
+    };
+    drive(&mut tr, &data, &run, &cfg.hash(), &sched)?;
     Ok(dir)
 }

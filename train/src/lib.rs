@@ -10,6 +10,7 @@ pub mod davi;
 pub mod device;
 pub mod diffusion;
 pub mod dps;
+pub mod driver;
 pub mod eval;
 pub mod export;
 pub mod gan;

@@ -248,6 +248,14 @@ pub struct Ema {
 }
 
 impl Ema {
+    /// The averaged tensors under `prefix` (a checkpoint's `ema.`, or none for exported weights).
+    pub fn named(&self, prefix: &str) -> Vec<(String, Tensor)> {
+        self.tensors
+            .iter()
+            .map(|(k, v)| (format!("{prefix}{k}"), v.shallow_clone()))
+            .collect()
+    }
+
     /// Starts at the current values of `params`.
     pub fn new(params: &ParamSet, rate: f64) -> Self {
         Self {

@@ -3,15 +3,16 @@
 use crate::backend::{array_from_tensor, TchBackend};
 use crate::config::{train_config, PriorTrain};
 use crate::data::{Dataset, Split};
+use crate::driver::{drive, finite, Schedule, Trainee};
 use crate::params::{AdamW, Ema, ParamSet};
 use crate::run::{write_atomic, Run};
 use crate::{checkpoint, diffusion, plot};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use davi_models::schedule::Diffusion;
 use davi_models::{DaviConfig, UNetModel};
 use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// What `prior` was asked.
@@ -31,152 +32,167 @@ pub fn step_rng(seed: u64, step: usize) -> rand_chacha::ChaCha8Rng {
     rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64)
 }
 
+/// A prior in training: the UNet, its parameters, optimiser and EMA.
+pub struct PriorTrainer {
+    /// The network.
+    pub unet: UNetModel,
+    /// Its diffusion.
+    pub diffusion: Diffusion,
+    /// Parameters.
+    pub params: ParamSet,
+    /// AdamW.
+    pub opt: AdamW,
+    /// EMA of the parameters (what ships).
+    pub ema: Ema,
+    /// Hyperparameters.
+    pub hp: PriorTrain,
+    /// Device.
+    pub device: Device,
+}
+
+impl PriorTrainer {
+    /// A fresh prior of `cfg`.
+    pub fn new(cfg: &DaviConfig, hp: PriorTrain, device: Device) -> Result<Self> {
+        let unet = UNetModel::new(&cfg.unet)?;
+        let params = ParamSet::init(&unet, hp.seed as i64, device);
+        let opt = AdamW::new(&params, hp.lr, hp.weight_decay);
+        let ema = Ema::new(&params, hp.ema);
+        Ok(Self {
+            diffusion: Diffusion::new(cfg.diffusion.schedule, cfg.diffusion.steps),
+            unet,
+            params,
+            opt,
+            ema,
+            hp,
+            device,
+        })
+    }
+
+    fn learns_sigma(&self) -> bool {
+        self.unet.config.out_channels == 2 * self.unet.config.in_channels
+    }
+}
+
+impl Trainee for PriorTrainer {
+    fn columns(&self) -> Vec<&'static str> {
+        // Learned sigma (out_channels = 2 C): the hybrid loss L_simple + L_vb of
+        // improved-diffusion, with L_vb rescaled by T / 1000 (lambda = 0.001 of a sum over T terms).
+        if self.learns_sigma() {
+            vec!["loss", "grad_norm", "steps_per_s", "mse", "vb"]
+        } else {
+            vec!["loss", "grad_norm", "steps_per_s"]
+        }
+    }
+
+    fn step(&mut self, x0: &Tensor, step: usize) -> Result<Vec<f64>> {
+        let mut rng = step_rng(self.hp.seed, step);
+        tch::manual_seed((self.hp.seed as i64).wrapping_add(step as i64));
+        let n = x0.size()[0] as usize;
+        let ts: Vec<usize> = (0..n)
+            .map(|_| rng.random_range(0..self.diffusion.steps()))
+            .collect();
+        let noise = Tensor::randn_like(x0);
+        let x_t = diffusion::q_sample(&self.diffusion, x0, &ts, &noise);
+        let mut b = TchBackend::new(self.params.handles(), self.device);
+        b.train = true;
+        let (loss, extra) = loss(&self.unet, &b, &self.diffusion, x0, &x_t, &ts, &noise)?;
+        let lv = finite("loss", loss.double_value(&[]), step)?;
+        self.params.zero_grad();
+        loss.backward();
+        let gn = self.params.clip_grad_norm(self.hp.grad_clip);
+        self.opt.step(&mut self.params);
+        self.ema.update(&self.params, step + 1);
+        let mut row = vec![lv, gn];
+        row.extend(extra);
+        Ok(row)
+    }
+
+    fn named(&self) -> Vec<(String, Tensor)> {
+        let mut all = self.params.named("model.");
+        all.extend(self.ema.named("ema."));
+        all.extend(self.opt.named("opt."));
+        all
+    }
+
+    fn load(&mut self, all: &HashMap<String, Tensor>, step: usize) -> Result<()> {
+        self.params.load_from(&strip(all, "model."))?;
+        self.ema.tensors = strip(all, "ema.").into_iter().collect();
+        self.opt.load_from(all, "opt.", step as i64)
+    }
+
+    fn after_step(&mut self, step: usize, total: usize, dir: &Path) -> Result<()> {
+        let every = self.hp.sample_every;
+        if every > 0 && step % every == 0 && step != total {
+            sample_grid(
+                &self.unet,
+                &self.ema,
+                &self.diffusion,
+                self.device,
+                self.hp.sample_n,
+                &dir.join(format!("samples/step-{step:08}.png")),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Writes `ema.safetensors` (plain guided-diffusion names: the prior others load) and the
+    /// final sample grid.
+    fn finish(&mut self, dir: &Path) -> Result<()> {
+        checkpoint::save_tensors(&dir.join("ema.safetensors"), &self.ema.named(""))?;
+        sample_grid(
+            &self.unet,
+            &self.ema,
+            &self.diffusion,
+            self.device,
+            self.hp.sample_n,
+            &dir.join("samples.png"),
+        )?;
+        tracing::info!("wrote {}/ema.safetensors and samples.png", dir.display());
+        Ok(())
+    }
+}
+
 /// Trains (or resumes) a prior. Returns the run folder.
 pub fn train(args: &PriorArgs) -> Result<PathBuf> {
     let cfg = DaviConfig::from_file(&args.config)?;
-    let mut tc: PriorTrain = train_config(&cfg)?.prior.unwrap_or_default();
+    let mut hp: PriorTrain = train_config(&cfg)?.prior.unwrap_or_default();
     if let Some(s) = args.steps {
-        tc.steps = s;
+        hp.steps = s;
     }
     let data_cfg = cfg
         .data
         .clone()
         .with_context(|| format!("{}: no data section", args.config.display()))?;
-    let unet = UNetModel::new(&cfg.unet)?;
-    let diff = Diffusion::new(cfg.diffusion.schedule, cfg.diffusion.steps);
     let (c, s) = (cfg.unet.in_channels, cfg.unet.image_size);
-    let data = Dataset::open(&data_cfg, Split::Train, c, s, tc.skip_bad_files)?;
+    let data = Dataset::open(&data_cfg, Split::Train, c, s, hp.skip_bad_files)?;
     let dir = args
         .run
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
-    let hash = cfg.hash();
-    // Learned sigma (out_channels = 2 C): the hybrid loss L_simple + L_vb of improved-diffusion,
-    // with L_vb rescaled by T / 1000 (lambda = 0.001 of a sum over T terms).
-    let learn_sigma = cfg.unet.out_channels == 2 * c;
-    let columns: &[&str] = if learn_sigma {
-        &["loss", "grad_norm", "steps_per_s", "mse", "vb"]
-    } else {
-        &["loss", "grad_norm", "steps_per_s"]
-    };
-    let run = Run::open(&dir, &serde_yaml::to_string(&cfg)?, columns, tc.keep)?;
-
-    let mut params = ParamSet::init(&unet, tc.seed as i64, args.device);
-    let mut opt = AdamW::new(&params, tc.lr, tc.weight_decay);
-    let mut ema = Ema::new(&params, tc.ema);
-    let mut start = 0;
-    let mut seconds0 = 0.0;
-    if let Some((st, all)) = run.resume(&hash, args.device)? {
-        params.load_from(&strip(&all, "model."))?;
-        ema.tensors = strip(&all, "ema.").into_iter().collect();
-        opt.load_from(&all, "opt.", st.step as i64)?;
-        start = st.step;
-        seconds0 = st.seconds;
-    }
+    let mut t = PriorTrainer::new(&cfg, hp.clone(), args.device)?;
+    let run = Run::open(&dir, &serde_yaml::to_string(&cfg)?, &t.columns(), hp.keep)?;
     tracing::info!(
-        "prior {}: {} parameters, {} on {}, {} steps of {}, {} loss",
+        "prior {}: {} parameters, {} on {:?}, {} steps of {}, {} loss",
         cfg.name,
-        unet.num_params(),
+        t.unet.num_params(),
         data.name,
-        format!("{:?}", args.device),
-        tc.steps,
-        tc.batch_size,
-        if learn_sigma {
+        args.device,
+        hp.steps,
+        hp.batch_size,
+        if t.learns_sigma() {
             "hybrid (learned sigma)"
         } else {
             "eps MSE"
         }
     );
-    let bar = progress(tc.steps, start);
-    let t0 = Instant::now();
-    let mut last_log = Instant::now();
-    let mut step = start;
-    let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<f32>>>(2);
-    std::thread::scope(|scope| -> Result<()> {
-        // Prefetch: the next batches are decoded while this one trains.
-        let data_ref = &data;
-        let (seed, bs, total) = (tc.seed, tc.batch_size, tc.steps);
-        scope.spawn(move || {
-            for st in start..total {
-                let idx = data_ref.batch_indices(seed, st, bs);
-                if tx.send(data_ref.batch(&idx)).is_err() {
-                    break;
-                }
-            }
-        });
-        while step < tc.steps {
-            let batch = rx.recv().context("data loader stopped")??;
-            let mut rng = step_rng(tc.seed, step);
-            tch::manual_seed((tc.seed as i64).wrapping_add(step as i64));
-            let x0 = Tensor::from_slice(&batch)
-                .reshape([tc.batch_size as i64, c as i64, s as i64, s as i64])
-                .to_device(args.device);
-            let ts: Vec<usize> = (0..tc.batch_size)
-                .map(|_| rng.random_range(0..diff.steps()))
-                .collect();
-            let noise = Tensor::randn_like(&x0);
-            let x_t = diffusion::q_sample(&diff, &x0, &ts, &noise);
-            let mut b = TchBackend::new(params.handles(), args.device);
-            b.train = true;
-            let (loss, extra) = loss(&unet, &b, &diff, &x0, &x_t, &ts, &noise)?;
-            let lv = loss.double_value(&[]);
-            if !lv.is_finite() {
-                bail!("loss is {lv} at step {step}; stopping. The last good checkpoint in {} is kept.", dir.display());
-            }
-            params.zero_grad();
-            loss.backward();
-            let gn = params.clip_grad_norm(tc.grad_clip);
-            opt.step(&mut params);
-            step += 1;
-            ema.update(&params, step);
-            bar.set_position(step as u64);
-            let sps = (step - start) as f64 / t0.elapsed().as_secs_f64();
-            bar.set_message(format!("loss {lv:.4} {sps:.2} steps/s"));
-            if step % 10 == 0 || step == tc.steps {
-                let mut row = vec![lv, gn, sps];
-                row.extend(&extra);
-                run.log(step, &row)?;
-            }
-            let stop = run.stop_requested();
-            if step % tc.checkpoint_every == 0 || step == tc.steps || stop {
-                save(
-                    &run,
-                    step,
-                    &params,
-                    &ema,
-                    &opt,
-                    &hash,
-                    seconds0 + t0.elapsed().as_secs_f64(),
-                )?;
-                if last_log.elapsed().as_secs() > 60 || step == tc.steps {
-                    run.plot()?;
-                    last_log = Instant::now();
-                }
-            }
-            if tc.sample_every > 0 && step % tc.sample_every == 0 && step != tc.steps {
-                sample_grid(
-                    &unet,
-                    &ema,
-                    &diff,
-                    args.device,
-                    tc.sample_n,
-                    &dir.join(format!("samples/step-{step:08}.png")),
-                )?;
-            }
-            if stop {
-                bar.abandon_with_message(format!(
-                    "stopped at step {step}; resume with --resume {}",
-                    dir.display()
-                ));
-                return Ok(());
-            }
-        }
-        Ok(())
-    })?;
-    if step >= tc.steps {
-        bar.finish_with_message("done");
-        finish(&dir, &unet, &ema, &diff, args.device, tc.sample_n)?;
-    }
+    let sched = Schedule {
+        steps: hp.steps,
+        batch_size: hp.batch_size,
+        seed: hp.seed,
+        checkpoint_every: hp.checkpoint_every,
+        device: args.device,
+    };
+    drive(&mut t, &data, &run, &cfg.hash(), &sched)?;
     Ok(dir)
 }
 
@@ -204,16 +220,6 @@ pub fn loss(
     })
 }
 
-fn progress(total: usize, start: usize) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} eta {eta}")
-            .expect("template"),
-    );
-    bar.set_position(start as u64);
-    bar
-}
-
 /// The tensors under `prefix`, with it removed.
 pub fn strip(
     all: &std::collections::HashMap<String, Tensor>,
@@ -225,45 +231,6 @@ pub fn strip(
                 .map(|s| (s.to_string(), v.shallow_clone()))
         })
         .collect()
-}
-
-fn save(
-    run: &Run,
-    step: usize,
-    params: &ParamSet,
-    ema: &Ema,
-    opt: &AdamW,
-    hash: &str,
-    seconds: f64,
-) -> Result<()> {
-    let mut all = params.named("model.");
-    all.extend(
-        ema.tensors
-            .iter()
-            .map(|(k, v)| (format!("ema.{k}"), v.shallow_clone())),
-    );
-    all.extend(opt.named("opt."));
-    run.checkpoint(step, &all, hash, seconds)
-}
-
-/// Writes `ema.safetensors` (plain guided-diffusion names: the prior others load) and the final grid.
-fn finish(
-    dir: &Path,
-    unet: &UNetModel,
-    ema: &Ema,
-    diff: &Diffusion,
-    device: Device,
-    n: usize,
-) -> Result<()> {
-    let named: Vec<(String, Tensor)> = ema
-        .tensors
-        .iter()
-        .map(|(k, v)| (k.clone(), v.shallow_clone()))
-        .collect();
-    checkpoint::save_tensors(&dir.join("ema.safetensors"), &named)?;
-    sample_grid(unet, ema, diff, device, n, &dir.join("samples.png"))?;
-    tracing::info!("wrote {}/ema.safetensors and samples.png", dir.display());
-    Ok(())
 }
 
 /// A grid of `n` DDIM-50 samples from the EMA weights.
