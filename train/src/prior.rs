@@ -122,7 +122,7 @@ impl Trainee for PriorTrainer {
 
     fn after_step(&mut self, step: usize, total: usize, dir: &Path) -> Result<()> {
         let every = self.hp.sample_every;
-        if every > 0 && step % every == 0 && step != total {
+        if every > 0 && step.is_multiple_of(every) && step != total {
             sample_grid(
                 &self.unet,
                 &self.ema,
