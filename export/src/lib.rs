@@ -345,6 +345,14 @@ pub fn write_model(
 
 /// Reads a model's protobuf (not its external data).
 pub fn read_model(path: &Path) -> Result<ModelProto, ExportError> {
+    if !path.is_file() {
+        let why = if path.exists() {
+            "not a regular file"
+        } else {
+            "no such file"
+        };
+        return Err(io_err(path, why));
+    }
     let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
     let m = ModelProto::decode(bytes.as_slice())
         .map_err(|e| io_err(path, format!("not an ONNX model: {e}")))?;
@@ -409,4 +417,58 @@ pub fn export_operator(
 /// The serialized protobuf of a model (weights inline).
 pub fn to_bytes(model: &ModelProto) -> Vec<u8> {
     model.encode_to_vec()
+}
+
+/// A model's summary, one line each: producer, opset, metadata, inputs and outputs with their
+/// dims (names for dynamic ones), initializer count and values, and the op histogram.
+pub fn describe(model: &ModelProto) -> Vec<String> {
+    let mut lines = vec![
+        format!(
+            "producer: {} {}",
+            model.producer_name, model.producer_version
+        ),
+        format!(
+            "opset: {}",
+            model.opset_import.first().map(|o| o.version).unwrap_or(0)
+        ),
+    ];
+    for (k, v) in metadata(model) {
+        lines.push(format!("metadata {k}: {v}"));
+    }
+    if let Some(g) = &model.graph {
+        let fmt = |v: &ValueInfoProto| {
+            let dims: Vec<String> = v
+                .r#type
+                .as_ref()
+                .and_then(|t| t.tensor_type.as_ref())
+                .and_then(|t| t.shape.as_ref())
+                .map(|s| {
+                    s.dim
+                        .iter()
+                        .map(|d| match &d.value {
+                            Some(proto::DimValue::DimValue(v)) => v.to_string(),
+                            Some(proto::DimValue::DimParam(p)) => p.clone(),
+                            None => "?".into(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!("{} [{}]", v.name, dims.join(", "))
+        };
+        lines.extend(g.input.iter().map(|i| format!("input: {}", fmt(i))));
+        lines.extend(g.output.iter().map(|o| format!("output: {}", fmt(o))));
+        let values: i64 = g
+            .initializer
+            .iter()
+            .map(|t| t.dims.iter().product::<i64>())
+            .sum();
+        lines.push(format!(
+            "initializers: {} ({values} values)",
+            g.initializer.len()
+        ));
+    }
+    for (op, n) in op_histogram(model) {
+        lines.push(format!("op {op}: {n}"));
+    }
+    lines
 }

@@ -20,6 +20,7 @@
 //! | FFHQ-256 ADM (`models/configs/adm/ffhq256.json`: 128 channels, mult 1,1,2,2,4,4, attention at 16, one res block, heads of 64, scale-shift, resblock up/down, learned sigma; DPS's `ffhq_10m.pt`) | 93,563,910 | 387.9 | 10.5 s |
 //! | our 32 px (`models/configs/fmnist32-prior.yaml`: 32 channels, mult 1,2,2, attention at 8) | 1,369,953 | 0.60 | 0.029 s |
 
+pub mod atomic;
 pub mod backend;
 pub mod card;
 pub mod flops;

@@ -34,7 +34,7 @@ pub struct DegradeOptions {
 pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, RuntimeError> {
     let start = Instant::now();
     if let Some(s) = opts.sigma_y {
-        if !s.is_finite() || s < 0.0 {
+        if !(s as f32).is_finite() || s < 0.0 {
             return Err(RuntimeError::Usage(format!(
                 "--sigma-y {s}: the measurement noise must be a finite number >= 0"
             )));
@@ -56,11 +56,11 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
         progress: false,
         max_pixels: images::DEFAULT_MAX_PIXELS,
     };
-    let (jobs, ignored) = crate::pipeline::plan(&plan_opts, None)?;
+    let (jobs, ignored) = crate::pipeline::plan(&plan_opts, None, &[])?;
     report.found = jobs.len();
     report.ignored = ignored;
     std::fs::create_dir_all(&opts.output).map_err(|e| RuntimeError::io(&opts.output, e))?;
-    crate::paths::remove_stale_temporaries(&opts.output);
+    crate::pipeline::remove_stale_temporaries(&jobs, &plan_opts);
     for job in &jobs {
         let (path, rel) = (&job.path, &job.rel);
         let fail = |report: &mut Report, reason: String| report.failed.push(job.failure(reason));
@@ -142,7 +142,9 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
             .into_dimensionality::<ndarray::Ix3>()
             .expect("rank 3");
         let dst = job.output(&opts.output, Format::Png, "");
-        match images::encode(y3.view(), Format::Png).and_then(|b| images::write_atomic(&dst, &b)) {
+        match images::encode(y3.view(), Format::Png)
+            .and_then(|b| images::write_atomic(&dst, &b).map_err(|e| e.to_string()))
+        {
             Ok(()) => report.restored += 1,
             Err(r) => fail(&mut report, r),
         }

@@ -1,7 +1,6 @@
 //! Decoding images into model tensors and encoding results, atomically.
 
 use ndarray::{Array3, ArrayView3};
-use std::io::Write;
 use std::path::Path;
 
 /// Extensions `davi` reads.
@@ -170,22 +169,4 @@ pub fn encode(img: ArrayView3<f32>, format: Format) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then renamed.
-/// A crash leaves either the old state or the whole new file, never a part.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let dir = path.parent().ok_or("no parent folder")?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    path.file_name().ok_or("no file name")?;
-    let tmp = crate::paths::temporary_for(path);
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(format!("cannot write {}: {e}", crate::paths::escape(path)));
-    }
-    Ok(())
-}
+pub use davi_models::atomic::{write_atomic, WriteError};

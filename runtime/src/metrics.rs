@@ -42,7 +42,7 @@ pub fn evaluate(
 ) -> Result<Evaluation, RuntimeError> {
     let mut refs: Vec<PathBuf> = Vec::new();
     for e in walkdir::WalkDir::new(reference).sort_by_file_name() {
-        let e = e.map_err(|e| RuntimeError::io(reference, e))?;
+        let e = e.map_err(|e| RuntimeError::file(reference, e))?;
         if e.file_type().is_file() && images::is_image_path(e.path()) {
             refs.push(e.path().to_path_buf());
         }
@@ -70,13 +70,13 @@ pub fn evaluate(
             }
         });
         let a = images::load(&r, c, None)
-            .map_err(|e| RuntimeError::io(&r, e))?
+            .map_err(|e| RuntimeError::file(&r, e))?
             .mapv(|v| (v + 1.0) / 2.0);
         let b = images::load(&out, c, None)
-            .map_err(|e| RuntimeError::io(&out, e))?
+            .map_err(|e| RuntimeError::file(&out, e))?
             .mapv(|v| (v + 1.0) / 2.0);
         if a.dim() != b.dim() {
-            return Err(RuntimeError::io(
+            return Err(RuntimeError::file(
                 &out,
                 format!(
                     "size {:?} differs from the reference's {:?}",
@@ -152,13 +152,13 @@ pub fn sheet(
         dirs.push(restored);
         dirs.push(reference);
         let reference_img = image::open(reference.join(&s.path))
-            .map_err(|e| RuntimeError::io(&reference.join(&s.path), e))?;
+            .map_err(|e| RuntimeError::file(&reference.join(&s.path), e))?;
         let (w, h) = (reference_img.width(), reference_img.height());
         for d in dirs {
-            let p =
-                find(d, &s.path).ok_or_else(|| RuntimeError::io(&d.join(&s.path), "not found"))?;
+            let p = find(d, &s.path)
+                .ok_or_else(|| RuntimeError::file(&d.join(&s.path), "not found"))?;
             let img = image::open(&p)
-                .map_err(|e| RuntimeError::io(&p, e))?
+                .map_err(|e| RuntimeError::file(&p, e))?
                 .to_rgb8();
             let img =
                 image::imageops::resize(&img, w * 4, h * 4, image::imageops::FilterType::Nearest);
@@ -192,6 +192,6 @@ pub fn sheet(
     let mut buf = Vec::new();
     canvas
         .write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)
-        .map_err(|e| RuntimeError::io(out, e))?;
-    images::write_atomic(out, &buf).map_err(|e| RuntimeError::io(out, e))
+        .map_err(|e| RuntimeError::file(out, e))?;
+    Ok(images::write_atomic(out, &buf)?)
 }

@@ -64,6 +64,16 @@ impl ModelInfo {
                 reason: format!("metadata '{k}': {e}"),
             })
         };
+        let count = |k: &str| -> Result<usize, RuntimeError> {
+            let v = get(k)?;
+            v.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| RuntimeError::Model {
+                    path: origin.into(),
+                    reason: format!("metadata '{k}' is '{v}', not a positive whole number"),
+                })
+        };
         let operator: Operator =
             serde_json::from_str(&get(keys::OPERATOR)?).map_err(|e| RuntimeError::Model {
                 path: origin.into(),
@@ -73,8 +83,8 @@ impl ModelInfo {
             operator,
             sigma_y: num(keys::SIGMA_Y)?,
             h: num(keys::H)?,
-            image_size: num(keys::IMAGE_SIZE)? as usize,
-            channels: num(keys::CHANNELS)? as usize,
+            image_size: count(keys::IMAGE_SIZE)?,
+            channels: count(keys::CHANNELS)?,
             config_hash: get(keys::CONFIG_HASH).unwrap_or_default(),
             tool_version: get(keys::TOOL_VERSION).unwrap_or_default(),
         })
@@ -143,10 +153,11 @@ impl Default for SessionOptions {
 /// Intra-op threads beyond this many per core only cost memory.
 pub const MAX_THREADS_PER_CORE: usize = 4;
 
-fn ort_err(path: &Path, what: &str, e: impl std::fmt::Display) -> RuntimeError {
-    RuntimeError::Model {
+fn ort_err(path: &Path, what: &str, source: impl Into<ort::Error>) -> RuntimeError {
+    RuntimeError::Ort {
         path: path.display().to_string(),
-        reason: format!("{what}: {e}"),
+        what: what.into(),
+        source: source.into(),
     }
 }
 
@@ -160,6 +171,8 @@ pub struct Model {
     pub path: PathBuf,
     /// The batch size the graph fixes (exported with `--static-batch`); `None`: dynamic.
     pub fixed_batch: Option<usize>,
+    /// The execution provider it runs on.
+    pub ep: Ep,
 }
 
 /// Checks the graph's inputs and outputs against the ONNX contract and the metadata: inputs
@@ -380,7 +393,11 @@ impl Model {
         if !path.is_file() {
             return Err(RuntimeError::Model {
                 path: path.display().to_string(),
-                reason: "no such file".into(),
+                reason: if path.exists() {
+                    "not a regular file".into()
+                } else {
+                    "no such file".into()
+                },
             });
         }
         let session = session(ModelSource::File(path), opts)?;
@@ -401,6 +418,7 @@ impl Model {
             info,
             path: path.to_path_buf(),
             fixed_batch,
+            ep: opts.ep,
         })
     }
 
@@ -408,8 +426,8 @@ impl Model {
     /// of being killed by the kernel. The memory one row takes is measured: the process's
     /// resident size after runs of 1 and 4 rows (ONNX Runtime's CPU arena keeps its peak). Only
     /// for the CPU provider and batches above 16 (smaller ones are not worth the two runs).
-    pub fn check_memory(&mut self, rows: usize, ep: Ep) -> Result<(), RuntimeError> {
-        if ep != Ep::Cpu || rows <= 16 {
+    pub fn check_memory(&mut self, rows: usize) -> Result<(), RuntimeError> {
+        if self.ep != Ep::Cpu || rows <= 16 {
             return Ok(());
         }
         let (Some(avail), Some(_)) = (mem_available(), resident()) else {

@@ -114,50 +114,59 @@ impl Entries {
     }
 }
 
-/// The temporary name `write_atomic` uses for `path`: `.NAME.PID.tmp` beside it.
-pub fn temporary_for(path: &Path) -> PathBuf {
-    let mut name = OsString::from(".");
-    name.push(path.file_name().unwrap_or_default());
-    name.push(format!(".{}.tmp", std::process::id()));
-    path.with_file_name(name)
-}
+pub use davi_models::atomic::Temporary;
 
-/// The writer's process id, when `name` is one of our temporaries (`.NAME.PID.tmp`).
-pub fn temporary_pid(name: &OsStr) -> Option<u32> {
-    let b = name.as_bytes();
-    let inner = b.strip_prefix(b".")?.strip_suffix(b".tmp")?;
-    let dot = inner.iter().rposition(|&c| c == b'.')?;
-    if dot == 0 {
-        return None;
-    }
-    std::str::from_utf8(&inner[dot + 1..]).ok()?.parse().ok()
-}
-
-/// Whether a process of this id runs (Linux: `/proc/PID`; elsewhere every writer counts as
-/// alive, so nothing is removed).
-pub fn pid_alive(pid: u32) -> bool {
-    if !Path::new("/proc/self").exists() {
+/// Whether the writer of a temporary (`host`, `pid`, the file's modification time) may still be
+/// writing it. Another machine's writers always count as alive: only they can tell. Here, the
+/// process must exist and have started before the file was last written (a process that took a
+/// dead writer's id later is not that writer). Without /proc every writer counts as alive.
+pub fn writer_alive(t: &Temporary, modified: std::time::SystemTime) -> bool {
+    if t.host != davi_models::atomic::host() || !Path::new("/proc/self").exists() {
         return true;
     }
-    Path::new("/proc").join(pid.to_string()).exists()
+    match process_start(t.pid) {
+        None => false,
+        Some(start) => start <= modified + std::time::Duration::from_secs(2),
+    }
 }
 
-/// Removes, under `dir`, the temporaries of writers that no longer run (left by a kill); those of
-/// live writers (another shard writing into the same tree) stay. Returns how many went.
-pub fn remove_stale_temporaries(dir: &Path) -> usize {
-    if !dir.is_dir() {
-        return 0;
-    }
+/// When process `pid` started (Linux: /proc/PID/stat's start time after /proc/stat's boot time).
+fn process_start(pid: u32) -> Option<std::time::SystemTime> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let boot: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse().ok()))?;
+    // Clock ticks are 100 per second on every Linux build that matters (USER_HZ).
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(boot * 1000 + ticks * 10))
+}
+
+/// Removes, in `dirs`, the temporaries of writers of this machine that no longer run and that
+/// were to become a file this run will write (`planned(dir, name)`); anything else stays.
+/// Returns how many went.
+pub fn remove_stale_temporaries<'a>(
+    dirs: impl IntoIterator<Item = &'a Path>,
+    planned: impl Fn(&Path, &OsStr) -> bool,
+) -> usize {
     let mut n = 0;
-    for e in walkdir::WalkDir::new(dir).into_iter().flatten() {
-        if !e.file_type().is_file() {
+    for dir in dirs {
+        let Ok(rd) = std::fs::read_dir(dir) else {
             continue;
-        }
-        if let Some(pid) = temporary_pid(e.file_name()) {
-            if pid != std::process::id()
-                && !pid_alive(pid)
-                && std::fs::remove_file(e.path()).is_ok()
-            {
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(t) = Temporary::parse(&name) else {
+                continue;
+            };
+            let Ok(meta) = e.metadata() else { continue };
+            if !meta.is_file() || !planned(dir, OsStr::from_bytes(&t.target)) {
+                continue;
+            }
+            let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+            if !writer_alive(&t, modified) && std::fs::remove_file(e.path()).is_ok() {
                 n += 1;
             }
         }
@@ -177,14 +186,26 @@ mod tests {
     }
 
     #[test]
-    fn temporaries_are_recognised() {
-        assert_eq!(temporary_pid(OsStr::new(".a.png.123.tmp")), Some(123));
-        assert_eq!(temporary_pid(OsStr::new(".a.png.tmp")), None);
-        assert_eq!(temporary_pid(OsStr::new("a.png.12.tmp")), None);
-        let t = temporary_for(Path::new("x/a.png"));
-        assert_eq!(
-            temporary_pid(t.file_name().unwrap()),
-            Some(std::process::id())
-        );
+    fn a_writer_is_alive_only_while_its_process_is_the_one_that_wrote() {
+        let host = davi_models::atomic::host();
+        let me = Temporary {
+            target: b"a.png".to_vec(),
+            host: host.clone(),
+            pid: std::process::id(),
+        };
+        let now = std::time::SystemTime::now();
+        assert!(writer_alive(&me, now));
+        // A file older than this process: its writer was another one that had our id.
+        assert!(!writer_alive(&me, std::time::UNIX_EPOCH));
+        let elsewhere = Temporary {
+            host: format!("{host}x"),
+            ..me.clone()
+        };
+        assert!(writer_alive(&elsewhere, std::time::UNIX_EPOCH));
+        let dead = Temporary {
+            pid: u32::MAX - 1,
+            ..me
+        };
+        assert!(!writer_alive(&dead, now));
     }
 }

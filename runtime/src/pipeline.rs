@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -89,6 +89,8 @@ pub struct Job {
     pub base: OsString,
     /// Why it cannot be restored, when it cannot.
     pub problem: Option<String>,
+    /// The file it resolves to, when it was reached through a symbolic link.
+    pub link_target: Option<PathBuf>,
 }
 
 impl Job {
@@ -99,6 +101,7 @@ impl Job {
             rel,
             base,
             problem: None,
+            link_target: None,
         }
     }
     fn failed(path: PathBuf, reason: impl Into<String>) -> Self {
@@ -107,6 +110,7 @@ impl Job {
             base: OsString::new(),
             problem: Some(reason.into()),
             path,
+            link_target: None,
         }
     }
     /// Its output with `suffix` (`""`, `.std`, `.sample3`).
@@ -136,7 +140,7 @@ fn list_inputs(opts: &RestoreOptions, report: &mut Report) -> Result<Vec<Job>, R
     if !meta.is_dir() {
         let name = input
             .file_name()
-            .ok_or_else(|| RuntimeError::io(input, "no file name"))?;
+            .ok_or_else(|| RuntimeError::file(input, "no file name"))?;
         let job = Job::ok(input.clone(), PathBuf::from(name));
         return Ok(vec![if meta.is_file() {
             job
@@ -225,7 +229,11 @@ fn list_inputs(opts: &RestoreOptions, report: &mut Report) -> Result<Vec<Job>, R
             ));
             continue;
         }
-        jobs.push(Job::ok(path.to_path_buf(), rel));
+        let mut job = Job::ok(path.to_path_buf(), rel);
+        if entry.path_is_symlink() || opts.follow_symlinks {
+            job.link_target = path.canonicalize().ok();
+        }
+        jobs.push(job);
     }
     Ok(jobs)
 }
@@ -260,8 +268,15 @@ fn suffixes(k: usize) -> Vec<String> {
 /// `a.sample0.png`), each input of the clash keeps its source extension in its names
 /// (`a.bmp.png`, `a.tif.png`); an input whose names still clash fails, with the reason. Nothing
 /// is ever written twice.
-fn name_outputs(jobs: &mut [Job], k: usize) {
+fn name_outputs(jobs: &mut [Job], k: usize, format: Format) {
     let derived: Vec<String> = suffixes(k).into_iter().filter(|s| !s.is_empty()).collect();
+    // Folders of the output tree: a file output may not take a folder's name.
+    let dirs: HashSet<PathBuf> = jobs
+        .iter()
+        .filter(|j| j.problem.is_none())
+        .flat_map(|j| j.rel.ancestors().skip(1).map(Path::to_path_buf))
+        .collect();
+    let ext = format!(".{}", format.ext());
     // Outputs collide only when bases are equal (same suffix), or when one input's plain output
     // is another's derived one (base_b == base_a + suffix): suffixes are single dot-segments.
     let clashes = |jobs: &[Job]| -> Vec<usize> {
@@ -273,6 +288,11 @@ fn name_outputs(jobs: &mut [Job], k: usize) {
         let mut hit = BTreeSet::new();
         for ((dir, base), idx) in &by_base {
             if idx.len() > 1 {
+                hit.extend(idx.iter().copied());
+            }
+            let mut plain = base.clone();
+            plain.push(&ext);
+            if dirs.contains(&dir.join(&plain)) {
                 hit.extend(idx.iter().copied());
             }
             let b = base.as_bytes();
@@ -318,6 +338,7 @@ fn check_no_input_replaced(
     opts: &RestoreOptions,
     jobs: &[Job],
     report: Option<&Path>,
+    protect: &[&Path],
 ) -> Result<(), RuntimeError> {
     let refuse = |msg: String| {
         Err(RuntimeError::Usage(format!(
@@ -335,6 +356,13 @@ fn check_no_input_replaced(
     let mut inputs = paths::Entries::default();
     for j in jobs {
         inputs.insert(&j.path);
+        // What a link reaches is an input too: an output must not replace it either.
+        if let Some(t) = &j.link_target {
+            inputs.insert(t);
+        }
+    }
+    for p in protect {
+        inputs.insert(p);
     }
     // The input folder inside the output folder: an output that lands in it would be read back
     // as an input by the next run.
@@ -376,9 +404,9 @@ fn check_no_input_replaced(
         }
     }
     if let Some(r) = report {
-        if images::is_image_path(r) || inputs.contains(r) {
+        if images::is_image_path(r) || inputs.contains(r) || r.is_dir() {
             return refuse(format!(
-                "--report {} names an image or an input; give a .json path",
+                "--report {} names an image, an input, the model or a folder; give a .json path",
                 paths::escape(r)
             ));
         }
@@ -410,9 +438,12 @@ fn check_no_input_replaced(
 pub fn plan(
     opts: &RestoreOptions,
     report_path: Option<&Path>,
+    protect: &[&Path],
 ) -> Result<(Vec<Job>, usize), RuntimeError> {
     let mut report = Report::default();
     let mut jobs = list_inputs(opts, &mut report)?;
+    // Names are given over the whole list, so that every shard names files as one run would.
+    name_outputs(&mut jobs, opts.samples, opts.format);
     if let Some((i, n)) = opts.shard {
         jobs = jobs
             .into_iter()
@@ -421,9 +452,46 @@ pub fn plan(
             .map(|(_, j)| j)
             .collect();
     }
-    name_outputs(&mut jobs, opts.samples);
-    check_no_input_replaced(opts, &jobs, report_path)?;
+    check_no_input_replaced(opts, &jobs, report_path, protect)?;
     Ok((jobs, report.ignored))
+}
+
+/// Removes the temporaries that killed writers of this machine left for outputs this run plans
+/// (see [`paths::remove_stale_temporaries`]): nothing else in the output tree is touched.
+pub fn remove_stale_temporaries(jobs: &[Job], opts: &RestoreOptions) -> usize {
+    let ext = format!(".{}", opts.format.ext());
+    let mut planned: HashMap<PathBuf, HashSet<OsString>> = HashMap::new();
+    for j in jobs.iter().filter(|j| j.problem.is_none()) {
+        let plain = j.output(&opts.output, opts.format, "");
+        let dir = plain.parent().unwrap_or(Path::new(".")).to_path_buf();
+        planned.entry(dir).or_default().insert(j.base.clone());
+    }
+    let k = opts.samples;
+    paths::remove_stale_temporaries(planned.keys().map(|d| d.as_path()), |dir, name| {
+        let Some(bases) = planned.get(dir) else {
+            return false;
+        };
+        let Some(stem) = name.as_bytes().strip_suffix(ext.as_bytes()) else {
+            return false;
+        };
+        if bases.contains(OsStr::from_bytes(stem)) {
+            return true;
+        }
+        if k == 1 {
+            return false;
+        }
+        // `BASE.std` and `BASE.sampleN`.
+        let Some(dot) = stem.iter().rposition(|&c| c == b'.') else {
+            return false;
+        };
+        let (base, suf) = (&stem[..dot], &stem[dot + 1..]);
+        let derived = suf == b"std"
+            || suf
+                .strip_prefix(b"sample")
+                .and_then(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok())
+                .is_some_and(|i| i < k);
+        derived && bases.contains(OsStr::from_bytes(base))
+    })
 }
 
 /// Standard normal noise of `n` values seeded from (seed, stream, relative path, sample). The
@@ -479,11 +547,12 @@ pub fn restore(
         )));
     }
     let mut report = Report::default();
-    let (jobs, ignored) = plan(opts, report_path)?;
+    let model_path = model.path.clone();
+    let (jobs, ignored) = plan(opts, report_path, &[&model_path])?;
     report.ignored = ignored;
     report.found = jobs.len();
     std::fs::create_dir_all(&opts.output).map_err(|e| RuntimeError::io(&opts.output, e))?;
-    paths::remove_stale_temporaries(&opts.output);
+    remove_stale_temporaries(&jobs, opts);
 
     let mut failed: BTreeMap<usize, String> = BTreeMap::new();
     for (i, j) in jobs.iter().enumerate() {
@@ -500,6 +569,9 @@ pub fn restore(
         report.skipped = before - todo.len();
     }
 
+    // Rows per session run: a fixed batch of the graph wins (short runs are padded).
+    let rows_per_run = model.fixed_batch.unwrap_or(opts.batch);
+    model.check_memory(rows_per_run.min(todo.len() * opts.samples))?;
     let info = model.info.clone();
     let [cy, hy, wy] = info.measurement_shape();
     let [c, sz, _] = info.image_shape();
@@ -515,8 +587,6 @@ pub fn restore(
     bar.inc((jobs.len() - todo.len()) as u64);
     let (dec_tx, dec_rx) = crossbeam_channel::bounded::<Chunk<Row>>(2);
     let (enc_tx, enc_rx) = crossbeam_channel::bounded::<Chunk<Array3<f32>>>(2);
-    // Rows per session run: a fixed batch of the graph wins (short runs are padded).
-    let rows_per_run = model.fixed_batch.unwrap_or(opts.batch);
     let k = opts.samples;
     let mut session_seconds = 0.0;
     let (jobs_ref, todo_ref) = (&jobs, &todo);
@@ -749,7 +819,7 @@ impl<'a> Writer<'a> {
                 };
                 let path = jobs[i].output(&opts.output, opts.format, &suffix);
                 let r = images::encode(img.view(), opts.format)
-                    .and_then(|b| images::write_atomic(&path, &b))
+                    .and_then(|b| images::write_atomic(&path, &b).map_err(|e| e.to_string()))
                     .map(|()| img);
                 (i, s, r)
             })
@@ -821,7 +891,13 @@ fn write_statistics(job: &Job, opts: &RestoreOptions, st: Stats) -> Result<(), S
     // std on [0, 1] is half the std on [-1, 1]; map 0..0.25 to -1..1 for the picture.
     let std_img = var.mapv(|v| ((v.sqrt() * 0.5 / 0.25).min(1.0) * 2.0 - 1.0) as f32);
     let bytes = images::encode(std_img.view(), opts.format)?;
-    images::write_atomic(&job.output(&opts.output, opts.format, ".std"), &bytes)?;
-    let bytes = images::encode(mean.mapv(|v| v as f32).view(), opts.format)?;
-    images::write_atomic(&job.output(&opts.output, opts.format, ""), &bytes)
+    let write = |suffix: &str, bytes: &[u8]| {
+        images::write_atomic(&job.output(&opts.output, opts.format, suffix), bytes)
+            .map_err(|e| e.to_string())
+    };
+    write(".std", &bytes)?;
+    write(
+        "",
+        &images::encode(mean.mapv(|v| v as f32).view(), opts.format)?,
+    )
 }

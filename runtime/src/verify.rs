@@ -35,9 +35,9 @@ fn read4(
 ) -> Result<Array4<f32>, RuntimeError> {
     let v = st
         .tensor(name)
-        .map_err(|_| RuntimeError::io(path, format!("no tensor '{name}' in the parity file")))?;
+        .map_err(|_| RuntimeError::file(path, format!("no tensor '{name}' in the parity file")))?;
     if v.dtype() != safetensors::Dtype::F32 || v.shape().len() != 4 {
-        return Err(RuntimeError::io(
+        return Err(RuntimeError::file(
             path,
             format!(
                 "tensor '{name}' must be f32 of rank 4, is {:?} {:?}",
@@ -52,7 +52,7 @@ fn read4(
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     let s = v.shape();
-    Array4::from_shape_vec((s[0], s[1], s[2], s[3]), data).map_err(|e| RuntimeError::io(path, e))
+    Array4::from_shape_vec((s[0], s[1], s[2], s[3]), data).map_err(|e| RuntimeError::file(path, e))
 }
 
 /// Compares two outputs.
@@ -105,7 +105,7 @@ pub fn compare(a: &ArrayD<f32>, b: &ArrayD<f32>, fp16: bool) -> Parity {
 pub fn verify(model: &mut Model, parity: &Path, fp16: bool) -> Result<Parity, RuntimeError> {
     let bytes = std::fs::read(parity).map_err(|e| RuntimeError::io(parity, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| RuntimeError::io(parity, format!("not a safetensors file: {e}")))?;
+        .map_err(|e| RuntimeError::file(parity, format!("not a safetensors file: {e}")))?;
     let meas = read4(&st, "measurement", parity)?;
     let noise = read4(&st, "noise", parity)?;
     let want = read4(&st, "image", parity)?.into_dyn();

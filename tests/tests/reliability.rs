@@ -69,11 +69,59 @@ fn an_output_never_replaces_an_input() {
         ),
         "--report on an image name",
     );
-    assert_eq!(tree(&x), before, "an input changed");
-    assert!(
-        !o2.exists() || tree(&o2).is_empty(),
-        "something was written"
+    // --report on the model, or on a folder.
+    let model_before = std::fs::read(&model).unwrap();
+    refused(
+        restore(&model, &x, &o2, &["--report", model.to_str().unwrap()]),
+        "--report on the model",
     );
+    assert_eq!(std::fs::read(&model).unwrap(), model_before);
+    std::fs::create_dir_all(&o2).unwrap();
+    refused(
+        restore(&model, &x, &o2, &["--report", o2.to_str().unwrap()]),
+        "--report on a folder",
+    );
+    // Followed symlinks: their targets are inputs too.
+    let sel = tmp.path().join("sel");
+    std::fs::create_dir_all(&sel).unwrap();
+    std::os::unix::fs::symlink(&files[2], sel.join(files[2].file_name().unwrap())).unwrap();
+    refused(
+        restore(&model, &sel, &x, &["--follow-symlinks"]),
+        "outputs onto the targets of followed links",
+    );
+    assert_eq!(tree(&x), before, "an input changed");
+    assert!(tree(&o2).is_empty(), "something was written");
+}
+
+#[test]
+fn eval_never_writes_into_the_folders_it_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    write_images(&a, 2, 32);
+    write_images(&b, 2, 32);
+    let before = (tree(&a), tree(&b));
+    for args in [
+        vec!["--json", "b/img_000.png"],
+        vec!["--csv", "a/scores.csv"],
+        vec!["--sheet", "b/sheet.png"],
+        vec!["--markdown", "table.png"],
+    ] {
+        let mut all = vec!["eval", "--restored", "a", "--reference", "b"];
+        all.extend(args.iter());
+        let out = std::process::Command::new(bin("davi"))
+            .current_dir(tmp.path())
+            .args(&all)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("refused"), "{err}");
+    }
+    assert_eq!((tree(&a), tree(&b)), before);
+    let (code, _, err) = davi(&["eval", "--restored", "/nonexistent", "--reference", "b"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no such folder"), "{err}");
 }
 
 #[test]
@@ -139,29 +187,70 @@ fn a_rerun_removes_the_temporaries_of_dead_writers_only() {
     let tmp = tempfile::tempdir().unwrap();
     let model = random_model(&tmp.path().join("m"), "denoise");
     let inp = tmp.path().join("in");
-    write_images(&inp, 3, 32);
+    write_images(&inp.join("sub"), 3, 32);
     let full = tmp.path().join("full");
     assert_eq!(restore(&model, &inp, &full, &[]).0, 0);
     let out = tmp.path().join("out");
     std::fs::create_dir_all(out.join("sub")).unwrap();
-    // A writer that ran and died, and one that is alive (this test process).
+    let host = davi_models::atomic::host();
+    // A writer of this machine that ran and died.
     let dead = {
         let mut c = std::process::Command::new("true").spawn().unwrap();
         let pid = c.id();
         c.wait().unwrap();
         pid
     };
-    let stale = out.join(format!("sub/.img_000.png.{dead}.tmp"));
-    let live = out.join(format!(".img_001.png.{}.tmp", std::process::id()));
-    std::fs::write(&stale, b"half").unwrap();
-    std::fs::write(&live, b"being written").unwrap();
+    let stale = out.join(format!("sub/.img_000.png.aB3dE9.{host}.{dead}.tmp"));
+    // One being written by a live writer (this test), one by another machine, and files that
+    // only look like temporaries: none of them is ours to remove.
+    let me = std::process::id();
+    let live = out.join(format!("sub/.img_001.png.xY7zQ2.{host}.{me}.tmp"));
+    let remote = out.join(format!("sub/.img_002.png.xY7zQ2.{host}x.{dead}.tmp"));
+    let user = out.join(format!("sub/.draft.png.aB3dE9.{host}.{dead}.tmp"));
+    let backup = out.join(".backup.2024.tmp");
+    for p in [&stale, &live, &remote, &user, &backup] {
+        std::fs::write(p, b"half").unwrap();
+    }
     let (code, _, err) = restore(&model, &inp, &out, &["--skip-existing"]);
     assert_eq!(code, 0, "{err}");
     assert!(!stale.exists(), "the dead writer's temporary stayed");
-    assert!(live.exists(), "a live writer's temporary was removed");
-    std::fs::remove_file(&live).unwrap();
-    std::fs::remove_dir(out.join("sub")).unwrap();
+    for p in [&live, &remote, &user, &backup] {
+        assert!(p.exists(), "{} was removed", p.display());
+        std::fs::remove_file(p).unwrap();
+    }
     assert_eq!(tree(&out), tree(&full));
+}
+
+#[test]
+fn shards_name_and_write_exactly_what_one_run_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    let src = write_images(&tmp.path().join("src"), 4, 32);
+    std::fs::create_dir_all(inp.join("a.png")).unwrap();
+    std::fs::copy(&src[0], inp.join("a.png/x.png")).unwrap();
+    for (i, ext) in ["png", "bmp", "tif"].iter().enumerate() {
+        image::open(&src[i + 1])
+            .unwrap()
+            .save(inp.join(format!("b.{ext}")))
+            .unwrap();
+    }
+    // A file whose plain output would take the folder a.png's name.
+    image::open(&src[3])
+        .unwrap()
+        .save(inp.join("a.bmp"))
+        .unwrap();
+    let one = tmp.path().join("one");
+    let (code, _, err) = restore(&model, &inp, &one, &[]);
+    assert_eq!(code, 0, "{err}");
+    let sharded = tmp.path().join("sharded");
+    for i in 0..3 {
+        let shard = format!("{i}/3");
+        let (code, _, err) = restore(&model, &inp, &sharded, &["--shard", &shard]);
+        assert_eq!(code, 0, "{err}");
+    }
+    assert_eq!(tree(&sharded), tree(&one));
+    assert!(one.join("a.bmp.png").is_file() && one.join("a.png/x.png").is_file());
 }
 
 #[test]

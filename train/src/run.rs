@@ -207,7 +207,7 @@ pub fn check_resume(state: &RunState, hash: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes a file atomically (temporary file, sync, rename): the runtime's writer.
+/// Writes a file atomically (temporary file, sync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    davi_runtime::images::write_atomic(path, bytes).map_err(anyhow::Error::msg)
+    Ok(davi_models::atomic::write_atomic(path, bytes)?)
 }

@@ -1,0 +1,475 @@
+//! The `davi` subcommands: each one's arguments as a `clap::Args` struct and the function that
+//! runs it (the binary only parses and dispatches). Exit codes: 0 all done, 1 some inputs failed
+//! (or a check failed), 2 could not run (an `Err`).
+
+use crate::images::{self, Format};
+use crate::model::SessionOptions;
+use crate::pipeline::{self, Report, RestoreOptions};
+use crate::{degrade, metrics, verify, Ep, Model, RuntimeError};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Execution-provider settings shared by the commands that run a model.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EpArgs {
+    /// Execution provider; one that cannot be registered is an error, never a silent CPU run.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub ep: Ep,
+    /// GPU index for cuda / tensorrt.
+    #[arg(long, default_value_t = 0)]
+    pub device: i32,
+    /// Intra-op threads (0: every core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// TensorRT: build fp16 engines from the fp32 model.
+    #[arg(long)]
+    pub trt_fp16: bool,
+    /// TensorRT: engine cache folder (engines are built once per shape and reused).
+    #[arg(long)]
+    pub trt_cache: Option<PathBuf>,
+    /// TensorRT: workspace size in MiB.
+    #[arg(long, default_value_t = 2048)]
+    pub trt_workspace_mib: usize,
+}
+
+impl EpArgs {
+    /// Session options for batches of up to `max_batch`.
+    pub fn session(&self, ort_lib: Option<PathBuf>, max_batch: usize) -> SessionOptions {
+        SessionOptions {
+            ep: self.ep,
+            device: self.device,
+            threads: self.threads,
+            trt_fp16: self.trt_fp16,
+            trt_cache: self.trt_cache.clone(),
+            trt_workspace: self.trt_workspace_mib << 20,
+            max_batch,
+            ort_lib,
+        }
+    }
+}
+
+/// `--shard i/n`: the inputs whose index in the sorted list is `i` mod `n`.
+pub fn parse_shard(s: &str) -> Result<(usize, usize), String> {
+    let bad = || format!("expected i/n with 0 <= i < n, got '{s}'");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (i.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+/// Restore a file or a folder of measurements.
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    /// The model (`model.onnx` written by davi-train export).
+    #[arg(short, long)]
+    pub model: PathBuf,
+    /// Input image or folder (recursive).
+    #[arg(short, long)]
+    pub input: PathBuf,
+    /// Output folder; input paths are mirrored under it.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "png")]
+    pub format: Format,
+    /// Rows (images, or samples of one) per session run (default: 16 on CPU, 64 on GPU).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Seed of the bridge noise (with the relative path).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Skip inputs whose output exists (resume an interrupted run).
+    #[arg(long)]
+    pub skip_existing: bool,
+    /// Process only shard i of n (`i/n`), for job arrays across machines.
+    #[arg(long, value_parser = parse_shard)]
+    pub shard: Option<(usize, usize)>,
+    /// Posterior samples per image; more than one also writes their mean and std map.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Follow symlinks that leave the input folder.
+    #[arg(long)]
+    pub follow_symlinks: bool,
+    /// Write a JSON report (counts, failures with reasons, timings).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Refuse images above this many pixels from their header, without decoding them.
+    #[arg(long, default_value_t = images::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
+    #[command(flatten)]
+    pub ep: EpArgs,
+}
+
+/// The tasks `davi degrade` makes measurements of.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Task {
+    /// Identity plus noise.
+    Denoise,
+    /// Gaussian blur.
+    Deblur,
+    /// Average pooling by 4.
+    Sr,
+    /// A centred box removed.
+    Inpaint,
+    /// The channel mean.
+    Colorize,
+}
+
+impl Task {
+    fn name(self) -> &'static str {
+        match self {
+            Task::Denoise => "denoise",
+            Task::Deblur => "deblur",
+            Task::Sr => "sr",
+            Task::Inpaint => "inpaint",
+            Task::Colorize => "colorize",
+        }
+    }
+}
+
+/// Make measurements y = H x + n from clean images.
+#[derive(clap::Args, Debug)]
+pub struct DegradeArgs {
+    /// The task (its operator's parameters scaled to the image size).
+    #[arg(
+        long,
+        value_enum,
+        conflicts_with = "model",
+        required_unless_present = "model"
+    )]
+    pub task: Option<Task>,
+    /// Take the operator, sigma_y and channels from a model's metadata.
+    #[arg(short, long)]
+    pub model: Option<PathBuf>,
+    /// Clean image or folder.
+    #[arg(short, long)]
+    pub input: PathBuf,
+    /// Output folder.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Measurement noise on [-1, 1] (default: the task's or the model's).
+    #[arg(long)]
+    pub sigma_y: Option<f64>,
+    /// Seed of the measurement noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// PSNR / SSIM of restored images against references.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Restored folder.
+    #[arg(long)]
+    pub restored: PathBuf,
+    /// Reference folder (same relative paths).
+    #[arg(long)]
+    pub reference: PathBuf,
+    /// Write per-image scores and means as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write per-image scores as CSV.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Write the Markdown table to a file too.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// Write a contact sheet PNG (measurement | restored | reference).
+    #[arg(long)]
+    pub sheet: Option<PathBuf>,
+    /// The measurements, for the sheet's first column.
+    #[arg(long)]
+    pub measurement: Option<PathBuf>,
+    /// Rows of the sheet.
+    #[arg(long, default_value_t = 8)]
+    pub sheet_rows: usize,
+}
+
+/// Check the ONNX output against what tch computed (`model.parity.safetensors`).
+#[derive(clap::Args, Debug)]
+pub struct VerifyArgs {
+    /// The model.
+    #[arg(short, long)]
+    pub model: PathBuf,
+    /// Parity file (default: beside the model).
+    #[arg(long)]
+    pub parity: Option<PathBuf>,
+    #[command(flatten)]
+    pub ep: EpArgs,
+}
+
+/// Throughput and latency of the bare session; end-to-end restore over a folder.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// The model.
+    #[arg(short, long)]
+    pub model: PathBuf,
+    /// Batch sizes of the bare session.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batch: Vec<usize>,
+    /// Seconds per batch size.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// A folder of measurements to restore end to end (into a temporary folder).
+    #[arg(short, long)]
+    pub input: Option<PathBuf>,
+    /// Batch of the end-to-end restore.
+    #[arg(long, default_value_t = 32)]
+    pub restore_batch: usize,
+    /// Write the figures as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub ep: EpArgs,
+}
+
+/// Show a model's metadata, inputs, outputs and op counts.
+#[derive(clap::Args, Debug)]
+pub struct InfoArgs {
+    /// The model.
+    #[arg(short, long)]
+    pub model: PathBuf,
+}
+
+fn too_large(what: &str, n: usize, most: usize) -> Result<(), RuntimeError> {
+    if n > most {
+        return Err(RuntimeError::Usage(format!("{what} {n}: at most {most}")));
+    }
+    Ok(())
+}
+
+/// Prints a run's failures and summary, writes its JSON report; 1 when anything failed.
+fn finish(report: &Report, path: Option<&Path>, verb: &str) -> Result<ExitCode, RuntimeError> {
+    for f in &report.failed {
+        eprintln!("davi: failed: {}: {}", f.path, f.reason);
+    }
+    eprintln!(
+        "davi: {verb} {} of {} ({} skipped, {} failed, {} other files ignored) in {:.2}s, {:.1} images/s",
+        report.restored,
+        report.found,
+        report.skipped,
+        report.failed.len(),
+        report.ignored,
+        report.seconds,
+        report.images_per_second
+    );
+    if let Some(p) = path {
+        images::write_atomic(p, &serde_json::to_vec_pretty(report)?)?;
+    }
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `davi restore`.
+pub fn restore(a: RestoreArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, RuntimeError> {
+    let batch = a.batch.unwrap_or(if a.ep.ep == Ep::Cpu { 16 } else { 64 });
+    too_large("--batch", batch, pipeline::MAX_BATCH)?;
+    too_large("--samples", a.samples, pipeline::MAX_SAMPLES)?;
+    let mut m = Model::load(&a.model, &a.ep.session(ort_lib, batch))?;
+    let opts = RestoreOptions {
+        input: a.input,
+        output: a.output,
+        format: a.format,
+        batch,
+        seed: a.seed,
+        skip_existing: a.skip_existing,
+        shard: a.shard,
+        samples: a.samples,
+        follow_symlinks: a.follow_symlinks,
+        progress: std::io::stderr().is_terminal(),
+        max_pixels: a.max_pixels,
+    };
+    let r = pipeline::restore(&mut m, &opts, a.report.as_deref())?;
+    finish(&r, a.report.as_deref(), "restored")
+}
+
+/// `davi degrade`.
+pub fn degrade(a: DegradeArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, RuntimeError> {
+    let sess = SessionOptions {
+        ort_lib,
+        ..Default::default()
+    };
+    let (operator, channels, sigma_y) = match &a.model {
+        Some(p) => {
+            let m = Model::load(p, &sess)?;
+            (
+                Some(m.info.operator.clone()),
+                Some(m.info.channels),
+                a.sigma_y.or(Some(m.info.sigma_y)),
+            )
+        }
+        None => (None, None, a.sigma_y),
+    };
+    let opts = degrade::DegradeOptions {
+        input: a.input,
+        output: a.output,
+        operator,
+        task: a.task.map(|t| t.name().to_string()),
+        channels,
+        sigma_y,
+        seed: a.seed,
+    };
+    let r = degrade::degrade(&opts, &sess)?;
+    finish(&r, None, "degraded")
+}
+
+/// `davi eval`.
+pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
+    for dir in [&a.restored, &a.reference] {
+        if !dir.is_dir() {
+            return Err(RuntimeError::Usage(format!(
+                "{}: no such folder",
+                crate::paths::escape(dir)
+            )));
+        }
+    }
+    // What eval writes goes outside the folders it scores.
+    let scored = [
+        crate::paths::canonical_dir(&a.restored),
+        crate::paths::canonical_dir(&a.reference),
+    ];
+    let texts = [&a.json, &a.csv, &a.markdown].into_iter().flatten();
+    let outputs = texts.clone().chain(a.sheet.as_ref());
+    for p in outputs {
+        let dir = crate::paths::canonical_dir(p.parent().unwrap_or(Path::new(".")));
+        let text_as_image = texts.clone().any(|t| t == p) && images::is_image_path(p);
+        if scored.iter().any(|s| dir.starts_with(s)) || text_as_image || p.is_dir() {
+            return Err(RuntimeError::Usage(format!(
+                "refused: {} lies in a scored folder, is a folder, or names an image; nothing was written",
+                crate::paths::escape(p)
+            )));
+        }
+    }
+    let e = metrics::evaluate(&a.restored, &a.reference, None)?;
+    if e.images.is_empty() {
+        return Err(RuntimeError::Usage(format!(
+            "no pair to score: {} holds no image that {} has",
+            a.restored.display(),
+            a.reference.display()
+        )));
+    }
+    print!("{}", e.markdown());
+    if !e.missing.is_empty() {
+        eprintln!(
+            "davi: {} reference(s) have no restored image, e.g. {}",
+            e.missing.len(),
+            e.missing[0]
+        );
+    }
+    if let Some(p) = &a.json {
+        images::write_atomic(p, &serde_json::to_vec_pretty(&e)?)?;
+    }
+    if let Some(p) = &a.csv {
+        images::write_atomic(p, e.csv().as_bytes())?;
+    }
+    if let Some(p) = &a.markdown {
+        images::write_atomic(p, e.markdown().as_bytes())?;
+    }
+    if let Some(p) = &a.sheet {
+        metrics::sheet(
+            &e,
+            &a.restored,
+            &a.reference,
+            a.measurement.as_deref(),
+            a.sheet_rows,
+            p,
+        )?;
+        eprintln!("davi: wrote {}", p.display());
+    }
+    Ok(if e.missing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `davi verify`.
+pub fn verify(a: VerifyArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, RuntimeError> {
+    let parity = a
+        .parity
+        .unwrap_or_else(|| a.model.with_file_name("model.parity.safetensors"));
+    let fp16 = a.ep.trt_fp16 || a.ep.ep == Ep::Tensorrt;
+    let mut m = Model::load(&a.model, &a.ep.session(ort_lib, 8))?;
+    let p = verify::verify(&mut m, &parity, fp16)?;
+    println!("{}", serde_json::to_string_pretty(&p)?);
+    println!(
+        "{}: max |diff| {:.3e}, mean |diff| {:.3e}, PSNR {:.1} dB over {} pairs; {}",
+        if p.pass { "PASS" } else { "FAIL" },
+        p.max_abs,
+        p.mean_abs,
+        p.psnr_db,
+        p.k,
+        p.criterion
+    );
+    Ok(if p.pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `davi bench`.
+pub fn bench(a: BenchArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, RuntimeError> {
+    if a.batch.contains(&0) {
+        return Err(RuntimeError::Usage(
+            "--batch: sizes must be at least 1".into(),
+        ));
+    }
+    let max = a
+        .batch
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(a.restore_batch);
+    too_large("--batch", max, pipeline::MAX_BATCH)?;
+    let mut m = Model::load(&a.model, &a.ep.session(ort_lib, max))?;
+    m.check_memory(max)?;
+    let mut figures = serde_json::Map::new();
+    println!("| what | batch | images/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for &b in &a.batch {
+        let f = crate::bench::session(&mut m, b, a.seconds)?;
+        println!(
+            "| bare session | {} | {:.1} | {:.2} | {:.2} |",
+            f.batch, f.images_per_second, f.p50_ms, f.p99_ms
+        );
+        rows.push(f);
+    }
+    figures.insert("session".into(), serde_json::to_value(&rows)?);
+    if let Some(dir) = &a.input {
+        let r = crate::bench::restore(&mut m, dir, a.restore_batch)?;
+        println!(
+            "| restore end to end ({} images) | {} | {:.1} | | |",
+            r.restored, a.restore_batch, r.images_per_second
+        );
+        figures.insert("restore".into(), serde_json::to_value(&r)?);
+    }
+    if let Some(p) = &a.json {
+        images::write_atomic(p, &serde_json::to_vec_pretty(&figures)?)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `davi info`.
+pub fn info(a: InfoArgs) -> Result<ExitCode, RuntimeError> {
+    use std::io::Write;
+    let proto = davi_export::read_model(&a.model)?;
+    let mut text = format!("model: {}\n", a.model.display());
+    for line in davi_export::describe(&proto) {
+        text.push_str(&line);
+        text.push('\n');
+    }
+    // A closed pipe (`davi info | head`) is no error.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(RuntimeError::io(Path::new("stdout"), e))
+        }
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
