@@ -94,3 +94,64 @@ pub fn train_steps(
     }
     Ok(k as f64 / t0.elapsed().as_secs_f64())
 }
+
+/// Images per second and median latency (ms) of tch's eager `I_phi` restore at batch `n`, timed
+/// for about `seconds` after a warm-up run.
+pub fn eager_restore(
+    implicit: &davi_models::Implicit,
+    b: &crate::TchBackend,
+    n: usize,
+    seconds: f64,
+) -> Result<(f64, f64)> {
+    let dev = b.device;
+    let [cy, hy, wy] = implicit
+        .operator
+        .measurement_shape(implicit.channels, implicit.size);
+    let (c, s) = (implicit.channels as i64, implicit.size as i64);
+    let n = n as i64;
+    let y = tch::Tensor::rand(
+        [n, cy as i64, hy as i64, wy as i64],
+        (tch::Kind::Float, dev),
+    ) * 2.0
+        - 1.0;
+    let z = tch::Tensor::zeros([n, c, s, s], (tch::Kind::Float, dev));
+    let _g = tch::no_grad_guard();
+    let _ = implicit.restore(b, &y, &z)?;
+    let mut lat = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed().as_secs_f64() < seconds || lat.len() < 5 {
+        let t = std::time::Instant::now();
+        let out = implicit.restore(b, &y, &z)?;
+        let _ = out.double_value(&[0, 0, 0, 0]); // synchronise
+        lat.push(t.elapsed().as_secs_f64());
+    }
+    let total: f64 = lat.iter().sum();
+    lat.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    Ok((
+        lat.len() as f64 * n as f64 / total,
+        lat[lat.len() / 2] * 1e3,
+    ))
+}
+
+/// Median seconds of 3 forward passes of `unet` at batch 1 with random weights (after a warm-up).
+pub fn forward_seconds(unet: &davi_models::UNetModel, device: Device) -> Result<f64> {
+    let params = crate::params::ParamSet::init(unet, 0, device);
+    let b = crate::TchBackend::new(params.frozen(), device);
+    let (c, s) = (
+        unet.config.in_channels as i64,
+        unet.config.image_size as i64,
+    );
+    let x = tch::Tensor::randn([1, c, s, s], (tch::Kind::Float, device));
+    let _g = tch::no_grad_guard();
+    let mut lat = Vec::new();
+    for i in 0..4 {
+        let t = std::time::Instant::now();
+        let out = unet.forward(&b, &x, &[500.0], None)?;
+        let _ = out.double_value(&[0, 0, 0, 0]);
+        if i > 0 {
+            lat.push(t.elapsed().as_secs_f64());
+        }
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    Ok(lat[1])
+}

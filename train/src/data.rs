@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Which split.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Split {
     /// Training images.
     Train,
@@ -340,6 +340,27 @@ impl Dataset {
         }
         out
     }
+}
+
+/// Writes the first `n` images of `ds` as PNG files `00000.png`, ... into `out` (grey or RGB).
+/// Returns how many.
+pub fn write_images(ds: &Dataset, n: usize, out: &Path) -> Result<usize> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let (c, s) = (ds.channels, ds.size);
+    let n = n.min(ds.len);
+    for i in 0..n {
+        let img = crate::plot::grid(&ds.get(i)?, 1, c, s, 1);
+        let img = image::imageops::crop_imm(&img, 2, 2, s as u32, s as u32).to_image();
+        let img = if c == 1 {
+            image::DynamicImage::ImageRgb8(img).to_luma8().into()
+        } else {
+            image::DynamicImage::ImageRgb8(img)
+        };
+        let mut buf = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
+        crate::run::write_atomic(&out.join(format!("{i:05}.png")), &buf)?;
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -526,3 +526,31 @@ pub fn to_half(tensors: &mut BTreeMap<String, RawTensor>) {
         t.dtype = Dtype::F16;
     }
 }
+
+/// `davi-train import`: a `.pt` (or safetensors) file to safetensors, checked against a UNet
+/// config when given, in fp16 with `half`. Returns the tensor count.
+pub fn import(input: &Path, output: &Path, config: Option<&Path>, half: bool) -> Result<usize> {
+    let mut tensors = if input
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
+    {
+        read_safetensors(input)?
+    } else {
+        read_pt(input)?
+    };
+    if half {
+        to_half(&mut tensors);
+    }
+    if let Some(c) = config {
+        let unet = davi_models::UNetModel::new(&davi_models::UNetConfig::from_file(c)?)?;
+        let found: Vec<(String, Vec<usize>)> = tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shape.clone()))
+            .collect();
+        davi_models::check_params(unet.param_shapes(), &found).map_err(|d| {
+            anyhow::anyhow!("{}: does not match {}: {d}", input.display(), c.display())
+        })?;
+    }
+    write_safetensors(&tensors, output)?;
+    Ok(tensors.len())
+}

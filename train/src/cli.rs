@@ -1,0 +1,498 @@
+//! The `davi-train` subcommands: each one's arguments as a `clap::Args` struct and the function
+//! that runs it (the binary only parses and dispatches).
+
+use crate::data::{Dataset, Split};
+use crate::{backend, checkpoint, device, TchBackend};
+use anyhow::{Context, Result};
+use davi_models::{DaviConfig, Implicit, UNetConfig, UNetModel};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tch::Device;
+
+/// `--device`: auto, cpu, cuda or cuda:N (auto: CUDA when it is there).
+pub fn parse_device(s: &str) -> Result<Device, String> {
+    device::pick(s).map_err(|e| format!("{e:#}"))
+}
+
+/// Run a guided-diffusion UNet on `x` and `timesteps` (f32) from a safetensors file.
+#[derive(clap::Args, Debug)]
+pub struct ForwardArgs {
+    /// UNet config (YAML or JSON, guided-diffusion's keys).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Weights (safetensors, guided-diffusion's names).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Inputs: `x` [N, C, S, S] and `timesteps` [N] (f32).
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Output safetensors file holding `output`.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+}
+
+/// A training run: which config, where, how long.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Model config (models/configs/<name>.yaml).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: Device,
+    /// Run folder (default runs/<name>): a new run, or the one it holds resumed (its checkpoint,
+    /// optimiser, EMA and step).
+    #[arg(long, visible_alias = "resume")]
+    pub run: Option<PathBuf>,
+    /// Override the config's number of steps.
+    #[arg(long)]
+    pub steps: Option<usize>,
+}
+
+/// Train (or resume) I_phi by amortized variational inference against a prior.
+#[derive(clap::Args, Debug)]
+pub struct DaviArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Override the teacher (prior) weights.
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+}
+
+/// Export I_phi to ONNX with parity fixtures, and check them on ONNX Runtime's CPU EP.
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// DAVI checkpoint (its EMA weights), plain weights, or an exported `model.onnx`.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Model config.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Output ONNX file (model.parity.safetensors is written beside it).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// ONNX opset (>= 17).
+    #[arg(long, default_value_t = 17)]
+    pub opset: i64,
+    /// A fixed batch size instead of a dynamic one.
+    #[arg(long)]
+    pub static_batch: Option<usize>,
+    /// Half-precision weights and compute (for the CUDA EP; TensorRT builds fp16 itself).
+    #[arg(long)]
+    pub fp16: bool,
+    /// Store the weights in fp16, compute in f32 (half the file; parity and evaluation use
+    /// the same rounded weights). The zoo ships its models this way.
+    #[arg(long)]
+    pub half_weights: bool,
+    /// Write the weights as ONNX external data (automatic above 2 GB).
+    #[arg(long)]
+    pub external_data: bool,
+    /// Number of parity pairs.
+    #[arg(short, default_value_t = 8)]
+    pub k: usize,
+    /// ONNX Runtime's library for the parity check.
+    #[arg(long)]
+    pub ort_lib: Option<PathBuf>,
+}
+
+/// Evaluate DAVI against DPS and the lifted measurement on held-out images.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// DAVI checkpoint (its EMA weights), or an exported `model.onnx`.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Model config (its teacher is DPS's prior).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Test images for DAVI and the lifted measurement.
+    #[arg(short, default_value_t = 1000)]
+    pub n: usize,
+    /// DPS steps.
+    #[arg(long, default_value_t = 1000)]
+    pub dps_steps: usize,
+    /// Test images for DPS (the first of the n; DPS costs dps-steps evaluations each).
+    #[arg(long, default_value_t = 16)]
+    pub dps_n: usize,
+    /// DPS step size (zeta).
+    #[arg(long, default_value_t = 1.0)]
+    pub dps_zeta: f64,
+    /// Output folder for eval.json, eval.md and sheet.png.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Write the eval table into this model card.
+    #[arg(long)]
+    pub card: Option<PathBuf>,
+    /// DPS's prior (default: the config's train.davi.teacher).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// DAVI posterior samples per measurement for the spread report (below 2: skip).
+    #[arg(long, default_value_t = 8)]
+    pub samples: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: Device,
+}
+
+/// Throughput of tch's eager forward of I_phi (the restore graph) at several batch sizes.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// DAVI checkpoint (its EMA weights), or an exported `model.onnx`.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Model config.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batch: Vec<usize>,
+    /// Seconds per batch size.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+    /// Also print the model's GFLOP per image and the machine's convolution peak (GFLOP/s
+    /// of large 3x3 convs on the same threads).
+    #[arg(long)]
+    pub peak: bool,
+}
+
+/// Steps/s of prior training (forward, backward, clipping, AdamW) of a config's UNet, to
+/// set against PyTorch eager (`scripts/bench/torch_train_step.py`).
+#[derive(clap::Args, Debug)]
+pub struct BenchTrainArgs {
+    /// Model config.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Images per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Seconds to time.
+    #[arg(long, default_value_t = 20.0)]
+    pub seconds: f64,
+    /// Write the initial weights and one forward here (safetensors) for the other side's
+    /// check that it builds the same network.
+    #[arg(long)]
+    pub fixture: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+}
+
+/// Parameters and GFLOP of a UNet config, and optionally the time of one forward pass.
+#[derive(clap::Args, Debug)]
+pub struct DescribeArgs {
+    /// UNet config (JSON/YAML with the reference's keys) or a model config with `unet:`.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Also time a forward pass at batch 1 (median of 3 after a warm-up; random weights).
+    #[arg(long)]
+    pub time: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+}
+
+/// Convert a PyTorch checkpoint (`torch.save` zip) to safetensors without running pickle code.
+#[derive(clap::Args, Debug)]
+pub struct ImportArgs {
+    /// The `.pt` (or `.safetensors`) file.
+    pub input: PathBuf,
+    /// Output safetensors file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Check the names and shapes against a UNet config.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Store f32 tensors as fp16 (how the zoo ships its priors; loaders compute in f32).
+    #[arg(long)]
+    pub half: bool,
+}
+
+/// Write images of a config's data set as PNG files (e.g. held-out test images).
+#[derive(clap::Args, Debug)]
+pub struct ImagesArgs {
+    /// Model config (its data section).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Which split.
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: Split,
+    /// Number of images (the first n of the split).
+    #[arg(short, default_value_t = 32)]
+    pub n: usize,
+    /// Output folder.
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+/// Sample from a prior: ancestral DDPM or DDIM.
+#[derive(clap::Args, Debug)]
+pub struct SampleArgs {
+    /// Prior weights (safetensors; a run checkpoint's EMA is used).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Model config.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Ancestral DDPM over this many steps (the schedule's own T).
+    #[arg(long, conflicts_with = "ddim")]
+    pub steps: Option<usize>,
+    /// DDIM (eta 0) over this many steps.
+    #[arg(long)]
+    pub ddim: Option<usize>,
+    /// Number of samples.
+    #[arg(short, default_value_t = 64)]
+    pub n: usize,
+    /// Output grid PNG.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: Device,
+}
+
+/// `davi-train forward`.
+pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
+    let unet = UNetModel::new(&UNetConfig::from_file(&a.config)?)?;
+    let params = checkpoint::load_params(&a.weights, unet.param_shapes(), None, a.device)?;
+    let io = checkpoint::load_tensors(&a.inputs, a.device)?;
+    let get = |k: &str| {
+        io.get(k)
+            .with_context(|| format!("{}: no tensor '{k}'", a.inputs.display()))
+    };
+    let ts: Vec<f32> = backend::array_from_tensor(get("timesteps")?)
+        .iter()
+        .copied()
+        .collect();
+    let b = TchBackend::new(params, a.device);
+    let out = tch::no_grad(|| {
+        unet.forward(&b, get("x")?, &ts, None)
+            .map_err(anyhow::Error::from)
+    })?;
+    checkpoint::save_tensors(&a.output, &[("output".to_string(), out)])?;
+    eprintln!("wrote {}", a.output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `davi-train prior`.
+pub fn prior(a: RunArgs) -> Result<ExitCode> {
+    let dir = crate::prior::train(&crate::prior::PriorArgs {
+        config: a.config,
+        device: a.device,
+        run: a.run,
+        steps: a.steps,
+    })?;
+    eprintln!("run folder: {}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `davi-train davi`.
+pub fn davi(a: DaviArgs) -> Result<ExitCode> {
+    let dir = crate::davi::train(&crate::davi::DaviArgs {
+        config: a.run.config,
+        device: a.run.device,
+        run: a.run.run,
+        steps: a.run.steps,
+        teacher: a.teacher,
+    })?;
+    eprintln!("run folder: {}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `davi-train export`: the model, its parity fixtures, and their check on ONNX Runtime.
+pub fn export(a: ExportArgs) -> Result<ExitCode> {
+    let args = crate::export::ExportArgs {
+        checkpoint: a.checkpoint,
+        config: a.config,
+        output: a.output.clone(),
+        options: davi_export::ExportOptions {
+            opset: a.opset,
+            static_batch: a.static_batch,
+            fp16: a.fp16,
+            half_weights: a.half_weights,
+        },
+        external_data: a.external_data,
+        k: a.k,
+        seed: 0,
+    };
+    let parity = crate::export::export(&args)?;
+    let opts = davi_runtime::SessionOptions {
+        ort_lib: a.ort_lib,
+        ..Default::default()
+    };
+    let mut m = davi_runtime::Model::load(&a.output, &opts)?;
+    let p = davi_runtime::verify::verify(&mut m, &parity, a.fp16)?;
+    println!(
+        "parity on the CPU EP: {} (max |diff| {:.3e}, PSNR {:.1} dB; {})",
+        if p.pass { "PASS" } else { "FAIL" },
+        p.max_abs,
+        p.psnr_db,
+        p.criterion
+    );
+    Ok(if p.pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `davi-train eval`.
+pub fn eval(a: EvalArgs) -> Result<ExitCode> {
+    let args = crate::eval::EvalArgs {
+        checkpoint: a.checkpoint,
+        config: a.config,
+        n: a.n,
+        dps_steps: a.dps_steps,
+        dps_n: a.dps_n,
+        dps_zeta: a.dps_zeta,
+        out: a.output.clone(),
+        card: a.card,
+        teacher: a.teacher,
+        device: a.device,
+        batch: a.batch,
+        samples: a.samples,
+    };
+    let r = crate::eval::eval(&args)?;
+    print!("{}", crate::eval::markdown(&r));
+    eprintln!("wrote {}/eval.json, eval.md, sheet.png", a.output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `davi-train bench`.
+pub fn bench(a: BenchArgs) -> Result<ExitCode> {
+    let cfg = DaviConfig::from_file(&a.config)?;
+    let implicit = Implicit::new(&cfg)?;
+    if a.peak {
+        let (conv, mm) = davi_models::flops::unet_flops(&implicit.unet)?;
+        println!(
+            "model: {:.4} GFLOP per image in convolutions, {:.4} in matrix products",
+            conv / 1e9,
+            mm / 1e9
+        );
+        for (what, g) in crate::bench::peak_conv(a.device, a.seconds.min(3.0))? {
+            println!("peak: {what}: {g:.1} GFLOP/s");
+        }
+    }
+    let params = checkpoint::load_params(
+        &a.checkpoint,
+        implicit.unet.param_shapes(),
+        Some("ema."),
+        a.device,
+    )?;
+    let b = TchBackend::new(params, a.device);
+    println!("| what | batch | images/s | p50 ms |\n|---|---:|---:|---:|");
+    for &n in &a.batch {
+        let (ips, p50) = crate::bench::eager_restore(&implicit, &b, n, a.seconds)?;
+        println!("| tch eager | {n} | {ips:.1} | {p50:.2} |");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `davi-train bench-train`.
+pub fn bench_train(a: BenchTrainArgs) -> Result<ExitCode> {
+    let cfg = DaviConfig::from_file(&a.config)?;
+    let sps = crate::bench::train_steps(&cfg, a.batch, a.seconds, a.device, a.fixture.as_deref())?;
+    println!(
+        "davi-train (tch) prior training step, batch {}: {sps:.3} steps/s ({:.2} s/step)",
+        a.batch,
+        1.0 / sps
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `davi-train describe`.
+pub fn describe(a: DescribeArgs) -> Result<ExitCode> {
+    let ucfg = match DaviConfig::from_file(&a.config) {
+        Ok(c) => c.unet,
+        Err(_) => UNetConfig::from_file(&a.config)?,
+    };
+    let unet = UNetModel::new(&ucfg)?;
+    let (conv, mm) = davi_models::flops::unet_flops(&unet)?;
+    println!(
+        "{}: {} parameters ({:.2} M), {:.2} GFLOP per image ({:.2} in convolutions)",
+        a.config.display(),
+        unet.num_params(),
+        unet.num_params() as f64 / 1e6,
+        (conv + mm) / 1e9,
+        conv / 1e9
+    );
+    if a.time {
+        let s = crate::bench::forward_seconds(&unet, a.device)?;
+        println!(
+            "forward, batch 1, {:?}, {} threads: {s:.3} s (median of 3)",
+            a.device,
+            tch::get_num_threads()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `davi-train import`.
+pub fn import(a: ImportArgs) -> Result<ExitCode> {
+    let n = crate::pt::import(&a.input, &a.output, a.config.as_deref(), a.half)?;
+    eprintln!("wrote {n} tensors to {}", a.output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `davi-train images`.
+pub fn images(a: ImagesArgs) -> Result<ExitCode> {
+    let cfg = DaviConfig::from_file(&a.config)?;
+    let data_cfg = cfg
+        .data
+        .clone()
+        .with_context(|| format!("{}: no data section", a.config.display()))?;
+    let ds = Dataset::open(
+        &data_cfg,
+        a.split,
+        cfg.unet.in_channels,
+        cfg.unet.image_size,
+        true,
+    )?;
+    let n = crate::data::write_images(&ds, a.n, &a.output)?;
+    eprintln!("wrote {n} images to {}", a.output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `davi-train sample`.
+pub fn sample(a: SampleArgs) -> Result<ExitCode> {
+    let cfg = DaviConfig::from_file(&a.config)?;
+    let unet = UNetModel::new(&cfg.unet)?;
+    let d = davi_models::schedule::Diffusion::new(cfg.diffusion.schedule, cfg.diffusion.steps);
+    if let Some(s) = a.steps {
+        if s != d.steps() {
+            anyhow::bail!(
+                "--steps {s}: ancestral sampling runs the schedule's own {} steps; use --ddim for fewer",
+                d.steps()
+            );
+        }
+    }
+    let params =
+        checkpoint::load_params(&a.checkpoint, unet.param_shapes(), Some("ema."), a.device)?;
+    let b = TchBackend::new(params, a.device);
+    let t = std::time::Instant::now();
+    let x = crate::diffusion::sample(&unet, &b, &d, a.n, a.ddim, 64, a.seed)?;
+    let arr = backend::array_from_tensor(&x);
+    let (c, s) = (cfg.unet.in_channels, cfg.unet.image_size);
+    let cols = (a.n as f64).sqrt().ceil() as usize;
+    let img = crate::plot::grid(arr.as_slice().expect("contiguous"), a.n, c, s, cols);
+    let mut buf = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
+    crate::run::write_atomic(&a.output, &buf)?;
+    eprintln!(
+        "wrote {} ({} samples in {:.1}s)",
+        a.output.display(),
+        a.n,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
