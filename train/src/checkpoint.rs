@@ -65,6 +65,17 @@ pub fn load_params(
     Ok(params)
 }
 
+/// A backend over a network's weights read from `path` (a run checkpoint's `ema.` weights, plain
+/// weights, or an exported model), checked against `unet`.
+pub fn load_backend(
+    path: &Path,
+    unet: &davi_models::UNetModel,
+    device: Device,
+) -> Result<crate::TchBackend> {
+    let params = load_params(path, unet.param_shapes(), Some("ema."), device)?;
+    Ok(crate::TchBackend::new(params, device))
+}
+
 /// Writes named tensors to a safetensors file atomically (temporary file, then rename).
 pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");

@@ -1,7 +1,7 @@
 //! The `davi-train` subcommands: each one's arguments as a `clap::Args` struct and the function
 //! that runs it (the binary only parses and dispatches).
 
-use crate::data::{Dataset, Split};
+use crate::data::Split;
 use crate::{backend, checkpoint, device, TchBackend};
 use anyhow::{Context, Result};
 use davi_models::{DaviConfig, Implicit, UNetConfig, UNetModel};
@@ -383,13 +383,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             println!("peak: {what}: {g:.1} GFLOP/s");
         }
     }
-    let params = checkpoint::load_params(
-        &a.checkpoint,
-        implicit.unet.param_shapes(),
-        Some("ema."),
-        a.device,
-    )?;
-    let b = TchBackend::new(params, a.device);
+    let b = checkpoint::load_backend(&a.checkpoint, &implicit.unet, a.device)?;
     println!("| what | batch | images/s | p50 ms |\n|---|---:|---:|---:|");
     for &n in &a.batch {
         let (ips, p50) = crate::bench::eager_restore(&implicit, &b, n, a.seconds)?;
@@ -447,17 +441,7 @@ pub fn import(a: ImportArgs) -> Result<ExitCode> {
 /// `davi-train images`.
 pub fn images(a: ImagesArgs) -> Result<ExitCode> {
     let cfg = DaviConfig::from_file(&a.config)?;
-    let data_cfg = cfg
-        .data
-        .clone()
-        .with_context(|| format!("{}: no data section", a.config.display()))?;
-    let ds = Dataset::open(
-        &data_cfg,
-        a.split,
-        cfg.unet.in_channels,
-        cfg.unet.image_size,
-        true,
-    )?;
+    let ds = crate::data::open_config(&cfg, &a.config, a.split, true)?;
     let n = crate::data::write_images(&ds, a.n, &a.output)?;
     eprintln!("wrote {n} images to {}", a.output.display());
     Ok(ExitCode::SUCCESS)

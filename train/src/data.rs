@@ -342,6 +342,27 @@ impl Dataset {
     }
 }
 
+/// The data set of a model config (`origin` names the config in errors), at the config's image
+/// size and channels.
+pub fn open_config(
+    cfg: &davi_models::DaviConfig,
+    origin: &Path,
+    split: Split,
+    skip_bad: bool,
+) -> Result<Dataset> {
+    let data = cfg
+        .data
+        .as_ref()
+        .with_context(|| format!("{}: no data section", origin.display()))?;
+    Dataset::open(
+        data,
+        split,
+        cfg.unet.in_channels,
+        cfg.unet.image_size,
+        skip_bad,
+    )
+}
+
 /// Writes the first `n` images of `ds` as PNG files `00000.png`, ... into `out` (grey or RGB).
 /// Returns how many.
 pub fn write_images(ds: &Dataset, n: usize, out: &Path) -> Result<usize> {

@@ -5,14 +5,14 @@
 
 use crate::backend::TchBackend;
 use crate::config::{train_config, DaviTrain};
-use crate::data::{Dataset, Split};
+use crate::data::{open_config, Split};
 use crate::driver::{drive, finite, Schedule, Trainee};
 use crate::gan::{adaptive_weight, PatchGan};
 use crate::params::{AdamW, Ema, ParamSet};
 use crate::prior::{step_rng, strip};
 use crate::run::Run;
 use crate::{checkpoint, losses};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use davi_models::schedule::{beta31_step, Diffusion};
 use davi_models::{DaviConfig, Implicit};
 use rand::Rng;
@@ -331,12 +331,7 @@ pub fn train(args: &DaviArgs) -> Result<PathBuf> {
             args.config.display()
         );
     }
-    let data_cfg = cfg
-        .data
-        .clone()
-        .with_context(|| format!("{}: no data section", args.config.display()))?;
-    let (c, s) = (cfg.unet.in_channels, cfg.unet.image_size);
-    let data = Dataset::open(&data_cfg, Split::Train, c, s, hp.skip_bad_files)?;
+    let data = open_config(&cfg, &args.config, Split::Train, hp.skip_bad_files)?;
     let unet = davi_models::UNetModel::new(&cfg.unet)?;
     let teacher = checkpoint::load_params(
         Path::new(&hp.teacher),

@@ -66,6 +66,21 @@ pub struct MethodScores {
     pub seconds_per_image: f64,
 }
 
+impl MethodScores {
+    /// A method that was not run (NaN scores, n = 0).
+    pub fn not_run() -> Self {
+        Self {
+            n: 0,
+            psnr: f64::NAN,
+            psnr_ci95: f64::NAN,
+            ssim: f64::NAN,
+            ssim_ci95: f64::NAN,
+            nfe: 0,
+            seconds_per_image: f64::NAN,
+        }
+    }
+}
+
 /// K posterior samples of the same measurements: how much they differ, and how well each fits y.
 #[derive(Debug, Clone, Serialize)]
 pub struct SampleSpread {
@@ -128,26 +143,175 @@ fn arr4(t: &Tensor) -> Array4<f32> {
     array_from_tensor(t).into_dimensionality().expect("rank 4")
 }
 
+/// DAVI's restorations of the first `n` test images, with their measurements and lifts.
+struct DaviRun {
+    x: Tensor,
+    y: Tensor,
+    lifted: Tensor,
+    restored: Tensor,
+    seconds: f64,
+}
+
+/// Measures the first `n` images of `ds` (noise seeded once) and restores them with `I_phi`,
+/// timing the restorations alone (after an untimed warm-up).
+fn run_davi(
+    implicit: &Implicit,
+    bphi: &TchBackend,
+    ds: &Dataset,
+    n: usize,
+    batch: usize,
+    sigma_y: f64,
+    device: Device,
+) -> Result<DaviRun> {
+    let (c, s) = (implicit.channels, implicit.size);
+    tch::no_grad(|| -> Result<()> {
+        let [cy, hy, wy] = implicit.operator.measurement_shape(c, s);
+        let y = Tensor::zeros([1, cy as i64, hy as i64, wy as i64], (Kind::Float, device));
+        let z = Tensor::zeros([1, c as i64, s as i64, s as i64], (Kind::Float, device));
+        let _ = implicit.restore(bphi, &y, &z)?;
+        Ok(())
+    })?;
+    tch::manual_seed(4321);
+    let (mut xs, mut ys, mut lifts, mut outs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut seconds = 0.0;
+    for start in (0..n).step_by(batch) {
+        let m = batch.min(n - start);
+        let idx: Vec<usize> = (start..start + m).collect();
+        let x0 = Tensor::from_slice(&ds.batch(&idx)?)
+            .reshape([m as i64, c as i64, s as i64, s as i64])
+            .to_device(device);
+        let (y, lifted, out, secs) = tch::no_grad(|| -> Result<_> {
+            let y = measure(&implicit.operator, bphi, &x0, c, s, sigma_y).clamp(-1.0, 1.0);
+            let lifted = implicit.operator.lift(bphi, &y, c, s).clamp(-1.0, 1.0);
+            let z = Tensor::randn_like(&x0);
+            let t = Instant::now();
+            let out = implicit.restore(bphi, &y, &z)?;
+            let _ = out.sum(Kind::Float).double_value(&[]); // synchronise before timing
+            Ok((y, lifted, out, t.elapsed().as_secs_f64()))
+        })?;
+        seconds += secs;
+        xs.push(x0);
+        ys.push(y);
+        lifts.push(lifted);
+        outs.push(out);
+    }
+    Ok(DaviRun {
+        x: Tensor::cat(&xs, 0),
+        y: Tensor::cat(&ys, 0),
+        lifted: Tensor::cat(&lifts, 0),
+        restored: Tensor::cat(&outs, 0),
+        seconds,
+    })
+}
+
+/// DPS with the teacher on the first `dps_n` measurements of `run`: scores and images.
+fn run_dps(
+    implicit: &Implicit,
+    teacher: &TchBackend,
+    diff: &Diffusion,
+    run: &DaviRun,
+    dps_n: usize,
+    args: &EvalArgs,
+) -> Result<(MethodScores, Tensor)> {
+    let cfg_dps = Dps {
+        steps: args.dps_steps,
+        zeta: args.dps_zeta,
+    };
+    let mut outs = Vec::new();
+    let t = Instant::now();
+    let mut nfe = 0;
+    for start in (0..dps_n).step_by(args.batch) {
+        let m = args.batch.min(dps_n - start);
+        let (o, k) = dps::restore(
+            &implicit.unet,
+            teacher,
+            diff,
+            &implicit.operator,
+            &run.y.narrow(0, start as i64, m as i64),
+            &cfg_dps,
+            99 + start as i64,
+        )?;
+        nfe = k;
+        outs.push(o);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let o = Tensor::cat(&outs, 0);
+    let truth = arr4(&run.x.narrow(0, 0, dps_n as i64));
+    Ok((scores(&arr4(&o), &truth, nfe, secs), o))
+}
+
+/// The spread of `k` DAVI posterior samples of the first 64 measurements, and their data
+/// consistency against the truth's.
+fn sample_spread(
+    implicit: &Implicit,
+    bphi: &TchBackend,
+    run: &DaviRun,
+    k: usize,
+) -> Result<SampleSpread> {
+    let (c, s) = (implicit.channels, implicit.size);
+    let m = run.x.size()[0].min(64);
+    let (yk, xk) = (run.y.narrow(0, 0, m), run.x.narrow(0, 0, m));
+    tch::no_grad(|| -> Result<SampleSpread> {
+        let outs: Vec<Tensor> = (0..k)
+            .map(|_| implicit.restore(bphi, &yk, &Tensor::randn_like(&xk)))
+            .collect::<Result<_, _>>()?;
+        let st = Tensor::stack(&outs, 0); // [K, m, C, S, S]
+        let spread = (st.std_dim([0i64].as_slice(), true, false) / 2.0)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        let dc = |img: &Tensor| {
+            (implicit.operator.forward(bphi, img, c, s) - &yk)
+                .square()
+                .mean(Kind::Float)
+                .double_value(&[])
+        };
+        let consistency_samples = outs.iter().map(dc).sum::<f64>() / outs.len() as f64;
+        Ok(SampleSpread {
+            k,
+            n: m as usize,
+            spread,
+            consistency_samples,
+            consistency_truth: dc(&xk),
+        })
+    })
+}
+
+/// The contact sheet: lifted measurement | DAVI | DPS | truth, first 8 images, 3x magnified.
+fn write_sheet(run: &DaviRun, dps: Option<&Tensor>, c: usize, s: usize, path: &Path) -> Result<()> {
+    let n = run.x.size()[0];
+    let rows = 8.min(n).min(dps.map_or(n, |d| d.size()[0]));
+    let mut cols = vec![
+        run.lifted.narrow(0, 0, rows),
+        run.restored.narrow(0, 0, rows),
+    ];
+    if let Some(d) = dps {
+        cols.push(d.narrow(0, 0, rows));
+    }
+    cols.push(run.x.narrow(0, 0, rows));
+    let (k, rows) = (cols.len(), rows as usize);
+    let grid = Tensor::stack(&cols, 1).reshape([(rows * k) as i64, c as i64, s as i64, s as i64]);
+    let a = array_from_tensor(&grid);
+    let img = plot::grid(a.as_slice().expect("contiguous"), rows * k, c, s, k);
+    let img = image::imageops::resize(
+        &img,
+        img.width() * 3,
+        img.height() * 3,
+        image::imageops::FilterType::Nearest,
+    );
+    let mut buf = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
+    write_atomic(path, &buf)
+}
+
 /// Runs the evaluation; writes `eval.json`, `eval.md` and `sheet.png` to `args.out`.
 pub fn eval(args: &EvalArgs) -> Result<Report> {
     let cfg = DaviConfig::from_file(&args.config)?;
     let task = cfg.task()?.clone();
     let implicit = Implicit::new(&cfg)?;
     let diff = Diffusion::new(cfg.diffusion.schedule, cfg.diffusion.steps);
-    let (c, s) = (implicit.channels, implicit.size);
-    let data_cfg = cfg
-        .data
-        .clone()
-        .with_context(|| format!("{}: no data section", args.config.display()))?;
-    let ds = Dataset::open(&data_cfg, Split::Test, c, s, true)?;
+    let ds = crate::data::open_config(&cfg, &args.config, Split::Test, true)?;
     let n = args.n.min(ds.len);
-    let phi = checkpoint::load_params(
-        &args.checkpoint,
-        implicit.unet.param_shapes(),
-        Some("ema."),
-        args.device,
-    )?;
-    let bphi = TchBackend::new(phi, args.device);
+    let bphi = checkpoint::load_backend(&args.checkpoint, &implicit.unet, args.device)?;
     let teacher_path = match &args.teacher {
         Some(t) => t.display().to_string(),
         None => train_config(&cfg)?
@@ -155,132 +319,30 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
             .map(|d| d.teacher)
             .unwrap_or_default(),
     };
-    let (mut x_all, mut y_all, mut lift_all, mut davi_all) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut davi_secs = 0.0;
-    // Warm-up: the first call initialises thread pools and kernels; it is not timed.
-    tch::no_grad(|| -> Result<()> {
-        let [cy, hy, wy] = implicit.operator.measurement_shape(c, s);
-        let y = Tensor::zeros(
-            [1, cy as i64, hy as i64, wy as i64],
-            (Kind::Float, args.device),
-        );
-        let z = Tensor::zeros(
-            [1, c as i64, s as i64, s as i64],
-            (Kind::Float, args.device),
-        );
-        let _ = implicit.restore(&bphi, &y, &z)?;
-        Ok(())
-    })?;
-    tch::manual_seed(4321);
-    for start in (0..n).step_by(args.batch) {
-        let m = args.batch.min(n - start);
-        let idx: Vec<usize> = (start..start + m).collect();
-        let x0 = Tensor::from_slice(&ds.batch(&idx)?)
-            .reshape([m as i64, c as i64, s as i64, s as i64])
-            .to_device(args.device);
-        let (y, lifted, out, secs) = tch::no_grad(|| -> Result<_> {
-            let y = measure(&implicit.operator, &bphi, &x0, c, s, task.sigma_y).clamp(-1.0, 1.0);
-            let lifted = implicit.operator.lift(&bphi, &y, c, s).clamp(-1.0, 1.0);
-            let z = Tensor::randn_like(&x0);
-            let t = Instant::now();
-            let out = implicit.restore(&bphi, &y, &z)?;
-            let _ = out.sum(Kind::Float).double_value(&[]); // synchronise before timing
-            Ok((y, lifted, out, t.elapsed().as_secs_f64()))
-        })?;
-        davi_secs += secs;
-        x_all.push(x0);
-        y_all.push(y);
-        lift_all.push(lifted);
-        davi_all.push(out);
-    }
-    let x = Tensor::cat(&x_all, 0);
-    let y = Tensor::cat(&y_all, 0);
-    let truth = arr4(&x);
-    let davi = scores(&arr4(&Tensor::cat(&davi_all, 0)), &truth, 1, davi_secs);
-    let lifted_t = Tensor::cat(&lift_all, 0);
-    let lifted = scores(&arr4(&lifted_t), &truth, 0, 0.0);
-    // DPS with the teacher, on the first dps_n images.
+    let run = run_davi(
+        &implicit,
+        &bphi,
+        &ds,
+        n,
+        args.batch,
+        task.sigma_y,
+        args.device,
+    )?;
+    let truth = arr4(&run.x);
+    let davi = scores(&arr4(&run.restored), &truth, 1, run.seconds);
+    let lifted = scores(&arr4(&run.lifted), &truth, 0, 0.0);
     let dps_n = args.dps_n.min(n);
     let (dps_scores, dps_imgs) = if dps_n > 0 && !teacher_path.is_empty() {
-        let teacher = checkpoint::load_params(
-            Path::new(&teacher_path),
-            implicit.unet.param_shapes(),
-            Some("ema."),
-            args.device,
-        )?;
-        let bt = TchBackend::new(teacher, args.device);
-        let cfg_dps = Dps {
-            steps: args.dps_steps,
-            zeta: args.dps_zeta,
-        };
-        let mut outs = Vec::new();
-        let t = Instant::now();
-        let mut nfe = 0;
-        for start in (0..dps_n).step_by(args.batch) {
-            let m = args.batch.min(dps_n - start);
-            let (o, k) = dps::restore(
-                &implicit.unet,
-                &bt,
-                &diff,
-                &implicit.operator,
-                &y.narrow(0, start as i64, m as i64),
-                &cfg_dps,
-                99 + start as i64,
-            )?;
-            nfe = k;
-            outs.push(o);
-        }
-        let secs = t.elapsed().as_secs_f64();
-        let o = Tensor::cat(&outs, 0);
-        (
-            scores(&arr4(&o), &arr4(&x.narrow(0, 0, dps_n as i64)), nfe, secs),
-            Some(o),
-        )
+        let teacher =
+            checkpoint::load_backend(Path::new(&teacher_path), &implicit.unet, args.device)?;
+        let (sc, imgs) = run_dps(&implicit, &teacher, &diff, &run, dps_n, args)?;
+        (sc, Some(imgs))
     } else {
-        (
-            MethodScores {
-                n: 0,
-                psnr: f64::NAN,
-                psnr_ci95: f64::NAN,
-                ssim: f64::NAN,
-                ssim_ci95: f64::NAN,
-                nfe: 0,
-                seconds_per_image: f64::NAN,
-            },
-            None,
-        )
+        (MethodScores::not_run(), None)
     };
-    let samples = if args.samples > 1 {
-        let m = n.min(64) as i64;
-        let (yk, xk) = (y.narrow(0, 0, m), x.narrow(0, 0, m));
-        tch::no_grad(|| -> Result<SampleSpread> {
-            let outs: Vec<Tensor> = (0..args.samples)
-                .map(|_| implicit.restore(&bphi, &yk, &Tensor::randn_like(&xk)))
-                .collect::<Result<_, _>>()?;
-            let st = Tensor::stack(&outs, 0); // [K, m, C, S, S]
-            let spread = (st.std_dim([0i64].as_slice(), true, false) / 2.0)
-                .mean(Kind::Float)
-                .double_value(&[]);
-            let dc = |img: &Tensor| {
-                (implicit.operator.forward(&bphi, img, c, s) - &yk)
-                    .square()
-                    .mean(Kind::Float)
-                    .double_value(&[])
-            };
-            let consistency_samples = outs.iter().map(dc).sum::<f64>() / outs.len() as f64;
-            Ok(SampleSpread {
-                k: args.samples,
-                n: m as usize,
-                spread,
-                consistency_samples,
-                consistency_truth: dc(&xk),
-            })
-        })
-        .map(Some)?
-    } else {
-        None
-    };
+    let samples = (args.samples > 1)
+        .then(|| sample_spread(&implicit, &bphi, &run, args.samples))
+        .transpose()?;
     let report = Report {
         model: cfg.name.clone(),
         task: task.operator.task().into(),
@@ -297,29 +359,8 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
     write_atomic(&args.out.join("eval.md"), markdown(&report).as_bytes())?;
-    // Contact sheet: lifted measurement | DAVI | DPS | truth, first 8 images.
-    let rows = 8.min(n).min(if dps_imgs.is_some() { dps_n } else { n });
-    let mut cols = vec![
-        lifted_t.narrow(0, 0, rows as i64),
-        Tensor::cat(&davi_all, 0).narrow(0, 0, rows as i64),
-    ];
-    if let Some(d) = &dps_imgs {
-        cols.push(d.narrow(0, 0, rows as i64));
-    }
-    cols.push(x.narrow(0, 0, rows as i64));
-    let k = cols.len();
-    let grid = Tensor::stack(&cols, 1).reshape([(rows * k) as i64, c as i64, s as i64, s as i64]);
-    let a = array_from_tensor(&grid);
-    let img = plot::grid(a.as_slice().expect("contiguous"), rows * k, c, s, k);
-    let img = image::imageops::resize(
-        &img,
-        img.width() * 3,
-        img.height() * 3,
-        image::imageops::FilterType::Nearest,
-    );
-    let mut buf = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
-    write_atomic(&args.out.join("sheet.png"), &buf)?;
+    let (c, s) = (implicit.channels, implicit.size);
+    write_sheet(&run, dps_imgs.as_ref(), c, s, &args.out.join("sheet.png"))?;
     if let Some(card_path) = &args.card {
         update_card(card_path, &args.checkpoint, &cfg, &report)?;
     }

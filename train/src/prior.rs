@@ -2,12 +2,12 @@
 
 use crate::backend::{array_from_tensor, TchBackend};
 use crate::config::{train_config, PriorTrain};
-use crate::data::{Dataset, Split};
+use crate::data::{open_config, Split};
 use crate::driver::{drive, finite, Schedule, Trainee};
 use crate::params::{AdamW, Ema, ParamSet};
 use crate::run::{write_atomic, Run};
 use crate::{checkpoint, diffusion, plot};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use davi_models::schedule::Diffusion;
 use davi_models::{DaviConfig, UNetModel};
 use rand::{Rng, SeedableRng};
@@ -68,6 +68,19 @@ impl PriorTrainer {
         })
     }
 
+    /// A DDIM-50 sample grid of the EMA weights.
+    fn grid(&self, path: &Path) -> Result<()> {
+        let ema = &self.ema;
+        sample_grid(
+            &self.unet,
+            ema,
+            &self.diffusion,
+            self.device,
+            self.hp.sample_n,
+            path,
+        )
+    }
+
     fn learns_sigma(&self) -> bool {
         self.unet.config.out_channels == 2 * self.unet.config.in_channels
     }
@@ -123,14 +136,7 @@ impl Trainee for PriorTrainer {
     fn after_step(&mut self, step: usize, total: usize, dir: &Path) -> Result<()> {
         let every = self.hp.sample_every;
         if every > 0 && step.is_multiple_of(every) && step != total {
-            sample_grid(
-                &self.unet,
-                &self.ema,
-                &self.diffusion,
-                self.device,
-                self.hp.sample_n,
-                &dir.join(format!("samples/step-{step:08}.png")),
-            )?;
+            self.grid(&dir.join(format!("samples/step-{step:08}.png")))?;
         }
         Ok(())
     }
@@ -139,14 +145,7 @@ impl Trainee for PriorTrainer {
     /// final sample grid.
     fn finish(&mut self, dir: &Path) -> Result<()> {
         checkpoint::save_tensors(&dir.join("ema.safetensors"), &self.ema.named(""))?;
-        sample_grid(
-            &self.unet,
-            &self.ema,
-            &self.diffusion,
-            self.device,
-            self.hp.sample_n,
-            &dir.join("samples.png"),
-        )?;
+        self.grid(&dir.join("samples.png"))?;
         tracing::info!("wrote {}/ema.safetensors and samples.png", dir.display());
         Ok(())
     }
@@ -159,12 +158,7 @@ pub fn train(args: &PriorArgs) -> Result<PathBuf> {
     if let Some(s) = args.steps {
         hp.steps = s;
     }
-    let data_cfg = cfg
-        .data
-        .clone()
-        .with_context(|| format!("{}: no data section", args.config.display()))?;
-    let (c, s) = (cfg.unet.in_channels, cfg.unet.image_size);
-    let data = Dataset::open(&data_cfg, Split::Train, c, s, hp.skip_bad_files)?;
+    let data = open_config(&cfg, &args.config, Split::Train, hp.skip_bad_files)?;
     let dir = args
         .run
         .clone()
