@@ -38,8 +38,108 @@ enum Value {
         dtype: Dtype,
         key: String,
     },
-    Tensor(RawTensor),
+    Tensor(LazyTensor),
     Mark,
+}
+
+/// A tensor as the pickle describes it: where its bytes are, not the bytes (so the memo and the
+/// stack stay small, and a hostile shape is checked before anything is allocated).
+#[derive(Debug, Clone)]
+pub struct LazyTensor {
+    /// Element type.
+    pub dtype: Dtype,
+    /// The storage's key in the archive (`data/<key>`).
+    pub key: String,
+    /// Offset into the storage, in elements.
+    pub offset: usize,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Strides, in elements.
+    pub stride: Vec<usize>,
+}
+
+impl LazyTensor {
+    /// Bytes per element.
+    fn element_size(&self) -> usize {
+        match self.dtype {
+            Dtype::F64 | Dtype::I64 => 8,
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::F16 | Dtype::BF16 | Dtype::I16 => 2,
+            _ => 1,
+        }
+    }
+
+    /// Gathers the tensor's bytes (row-major) out of its storage, every size checked first.
+    pub fn materialize(&self, storage: &[u8]) -> Result<RawTensor> {
+        let es = self.element_size();
+        if self.stride.len() != self.shape.len() {
+            bail!(
+                "tensor in storage {}: {} strides for {} dims",
+                self.key,
+                self.stride.len(),
+                self.shape.len()
+            );
+        }
+        let too_large = || {
+            anyhow::anyhow!(
+                "tensor in storage {}: shape {:?} is too large",
+                self.key,
+                self.shape
+            )
+        };
+        let n = self
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(too_large)?;
+        let bytes = n.checked_mul(es).ok_or_else(too_large)?;
+        if n > 0 {
+            // The farthest element it reads must lie inside the storage.
+            let last = self
+                .shape
+                .iter()
+                .zip(&self.stride)
+                .try_fold(self.offset, |a, (&d, &st)| {
+                    a.checked_add((d - 1).checked_mul(st)?)
+                })
+                .ok_or_else(too_large)?;
+            let end = last
+                .checked_add(1)
+                .and_then(|e| e.checked_mul(es))
+                .ok_or_else(too_large)?;
+            if end > storage.len() {
+                bail!(
+                    "tensor in storage {} reads {end} bytes of a storage of {}",
+                    self.key,
+                    storage.len()
+                );
+            }
+        }
+        let mut data = Vec::with_capacity(bytes);
+        // Gather by strides (a plain copy for contiguous tensors).
+        let mut idx = vec![0usize; self.shape.len()];
+        for _ in 0..n {
+            let off = self.offset
+                + idx
+                    .iter()
+                    .zip(&self.stride)
+                    .map(|(i, s)| i * s)
+                    .sum::<usize>();
+            data.extend_from_slice(&storage[off * es..(off + 1) * es]);
+            for d in (0..self.shape.len()).rev() {
+                idx[d] += 1;
+                if idx[d] < self.shape[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        Ok(RawTensor {
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            data,
+        })
+    }
 }
 
 fn storage_dtype(name: &str) -> Option<(Dtype, usize)> {
@@ -79,7 +179,6 @@ struct Unpickler<'a> {
     pos: usize,
     stack: Vec<Value>,
     memo: BTreeMap<u64, Value>,
-    storages: &'a dyn Fn(&str) -> Result<Vec<u8>>,
 }
 
 impl Unpickler<'_> {
@@ -369,47 +468,21 @@ impl Unpickler<'_> {
                         .collect()
                 };
                 let (shape, stride) = (ints(size)?, ints(stride)?);
-                let (_, es) = storage_dtype(match dtype {
-                    Dtype::F32 => "FloatStorage",
-                    Dtype::F16 => "HalfStorage",
-                    Dtype::BF16 => "BFloat16Storage",
-                    Dtype::F64 => "DoubleStorage",
-                    Dtype::I64 => "LongStorage",
-                    Dtype::I32 => "IntStorage",
-                    Dtype::I16 => "ShortStorage",
-                    Dtype::I8 => "CharStorage",
-                    Dtype::BOOL => "BoolStorage",
-                    _ => "ByteStorage",
-                })
-                .expect("known");
-                let storage = (self.storages)(&key)?;
-                let n: usize = shape.iter().product();
-                let mut data = Vec::with_capacity(n * es);
-                // Gather by strides (a no-op copy for contiguous tensors).
-                let mut idx = vec![0usize; shape.len()];
-                for _ in 0..n {
-                    let off = offset as usize
-                        + idx.iter().zip(&stride).map(|(i, s)| i * s).sum::<usize>();
-                    let b = storage
-                        .get(off * es..(off + 1) * es)
-                        .with_context(|| format!("tensor reads past the end of storage {key}"))?;
-                    data.extend_from_slice(b);
-                    for d in (0..shape.len()).rev() {
-                        idx[d] += 1;
-                        if idx[d] < shape[d] {
-                            break;
-                        }
-                        idx[d] = 0;
-                    }
-                }
-                Ok(Value::Tensor(RawTensor { dtype, shape, data }))
+                let offset = usize::try_from(offset).context("negative storage offset")?;
+                Ok(Value::Tensor(LazyTensor {
+                    dtype,
+                    key,
+                    offset,
+                    shape,
+                    stride,
+                }))
             }
             g => bail!("refused: call of '{g}'"),
         }
     }
 }
 
-fn flatten(prefix: &str, v: Value, out: &mut BTreeMap<String, RawTensor>) -> Result<()> {
+fn flatten(prefix: &str, v: Value, out: &mut BTreeMap<String, LazyTensor>) -> Result<()> {
     match v {
         Value::Tensor(t) => {
             out.insert(prefix.to_string(), t);
@@ -451,28 +524,34 @@ pub fn read_pt(path: &Path) -> Result<BTreeMap<String, RawTensor>> {
     let root = pkl.trim_end_matches("data.pkl").to_string();
     let mut pickle = Vec::new();
     zip.by_name(&pkl)?.read_to_end(&mut pickle)?;
-    let zip = std::cell::RefCell::new(zip);
-    let storages = |key: &str| -> Result<Vec<u8>> {
-        let mut z = zip.borrow_mut();
-        let mut f = z
-            .by_name(&format!("{root}data/{key}"))
-            .with_context(|| format!("storage {key} missing"))?;
-        let mut v = Vec::new();
-        f.read_to_end(&mut v)?;
-        Ok(v)
-    };
     let mut u = Unpickler {
         data: &pickle,
         pos: 0,
         stack: Vec::new(),
         memo: BTreeMap::new(),
-        storages: &storages,
     };
     let v = u.run().with_context(|| format!("{}", path.display()))?;
-    let mut out = BTreeMap::new();
-    flatten("", v, &mut out)?;
-    if out.is_empty() {
+    let mut lazy = BTreeMap::new();
+    flatten("", v, &mut lazy)?;
+    if lazy.is_empty() {
         bail!("{}: no tensors found", path.display());
+    }
+    // Each storage is read once, then every tensor in it is gathered.
+    let mut storages: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for (name, t) in lazy {
+        if !storages.contains_key(&t.key) {
+            let mut f = zip
+                .by_name(&format!("{root}data/{}", t.key))
+                .with_context(|| format!("{}: storage {} missing", path.display(), t.key))?;
+            let mut v = Vec::new();
+            f.read_to_end(&mut v)?;
+            storages.insert(t.key.clone(), v);
+        }
+        let raw = t
+            .materialize(&storages[&t.key])
+            .with_context(|| format!("{}: '{name}'", path.display()))?;
+        out.insert(name, raw);
     }
     Ok(out)
 }
@@ -553,4 +632,57 @@ pub fn import(input: &Path, output: &Path, config: Option<&Path>, half: bool) ->
     }
     write_safetensors(&tensors, output)?;
     Ok(tensors.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lazy(shape: Vec<usize>, stride: Vec<usize>, offset: usize) -> LazyTensor {
+        LazyTensor {
+            dtype: Dtype::F32,
+            key: "0".into(),
+            offset,
+            shape,
+            stride,
+        }
+    }
+
+    #[test]
+    fn hostile_shapes_are_errors_before_any_allocation() {
+        let storage = vec![0u8; 64]; // 16 floats
+        for (t, says) in [
+            (
+                lazy(vec![1 << 40, 1 << 40], vec![1 << 40, 1], 0),
+                "too large",
+            ),
+            (lazy(vec![usize::MAX, 2], vec![1, 1], 0), "too large"),
+            (lazy(vec![4, 5], vec![5, 1], 0), "reads"),
+            (lazy(vec![4], vec![1], 13), "reads"),
+            (lazy(vec![2, 2], vec![1], 0), "strides"),
+        ] {
+            let e = format!("{:#}", t.materialize(&storage).unwrap_err());
+            assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn strided_tensors_are_gathered_row_major() {
+        let storage: Vec<u8> = (0..6u32).flat_map(|v| (v as f32).to_le_bytes()).collect();
+        // The transpose of a 2x3 matrix: shape [3, 2], strides [1, 3].
+        let raw = lazy(vec![3, 2], vec![1, 3], 0)
+            .materialize(&storage)
+            .unwrap();
+        let v: Vec<f32> = raw
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(v, vec![0.0, 3.0, 1.0, 4.0, 2.0, 5.0]);
+        assert!(lazy(vec![0, 7], vec![7, 1], 99)
+            .materialize(&storage)
+            .unwrap()
+            .data
+            .is_empty());
+    }
 }
