@@ -206,204 +206,224 @@ pub struct UNetModel {
 const GROUPS: usize = 32;
 const EPS: f64 = 1e-5;
 
+/// Builds the module tree and the parameter list of a config, in the reference's order.
+struct Builder<'c> {
+    c: &'c UNetConfig,
+    /// Time-embedding width.
+    ted: usize,
+    shapes: Vec<(String, Vec<usize>)>,
+}
+
+impl Builder<'_> {
+    fn conv(&mut self, n: &str, i: usize, o: usize, k: usize) {
+        self.shapes.push((format!("{n}.weight"), vec![o, i, k, k]));
+        self.shapes.push((format!("{n}.bias"), vec![o]));
+    }
+
+    fn linear(&mut self, n: &str, i: usize, o: usize) {
+        self.shapes.push((format!("{n}.weight"), vec![o, i]));
+        self.shapes.push((format!("{n}.bias"), vec![o]));
+    }
+
+    fn norm(&mut self, n: &str, ch: usize) {
+        self.shapes.push((format!("{n}.weight"), vec![ch]));
+        self.shapes.push((format!("{n}.bias"), vec![ch]));
+    }
+
+    /// `ResBlock(ch -> out)`, optionally resampling.
+    fn res(&mut self, name: String, ch: usize, out: usize, up: bool, down: bool) -> Layer {
+        let c = self.c;
+        self.norm(&format!("{name}.in_layers.0"), ch);
+        self.conv(&format!("{name}.in_layers.2"), ch, out, 3);
+        let emb_out = if c.use_scale_shift_norm { 2 * out } else { out };
+        self.linear(&format!("{name}.emb_layers.1"), self.ted, emb_out);
+        self.norm(&format!("{name}.out_layers.0"), out);
+        self.conv(&format!("{name}.out_layers.3"), out, out, 3);
+        let has_skip_conv = out != ch;
+        if has_skip_conv {
+            self.conv(&format!("{name}.skip_connection"), ch, out, 1);
+        }
+        Layer::Res(ResBlock {
+            name,
+            scale_shift: c.use_scale_shift_norm,
+            up,
+            down,
+            has_skip_conv,
+            out_channels: out,
+            dropout: c.dropout,
+        })
+    }
+
+    /// `AttentionBlock(ch)` at downsampling factor `ds`.
+    fn attn(&mut self, name: String, ch: usize, num_heads: i64, ds: usize) -> Result<Layer> {
+        let c = self.c;
+        let heads = if c.num_head_channels == -1 {
+            num_heads as usize
+        } else {
+            let hc = c.num_head_channels as usize;
+            if hc == 0 || !ch.is_multiple_of(hc) {
+                return Err(Error::Config(format!(
+                    "{ch} channels are not divisible by num_head_channels {hc}"
+                )));
+            }
+            ch / hc
+        };
+        if heads == 0 || !ch.is_multiple_of(heads) {
+            return Err(Error::Config(format!(
+                "{ch} channels not divisible into {heads} heads"
+            )));
+        }
+        self.norm(&format!("{name}.norm"), ch);
+        self.shapes
+            .push((format!("{name}.qkv.weight"), vec![3 * ch, ch, 1]));
+        self.shapes.push((format!("{name}.qkv.bias"), vec![3 * ch]));
+        self.shapes
+            .push((format!("{name}.proj_out.weight"), vec![ch, ch, 1]));
+        self.shapes
+            .push((format!("{name}.proj_out.bias"), vec![ch]));
+        Ok(Layer::Attn(AttentionBlock {
+            name,
+            channels: ch,
+            side: c.image_size / ds,
+            heads,
+            new_order: c.use_new_attention_order,
+        }))
+    }
+
+    /// A resampling layer: a resblock with `up`/`down`, a conv, or a plain resize.
+    fn resample(&mut self, name: String, ch: usize, up: bool) -> Layer {
+        if self.c.resblock_updown {
+            return self.res(name, ch, ch, up, !up);
+        }
+        let conv = self.c.conv_resample.then(|| {
+            let n = format!("{name}.{}", if up { "conv" } else { "op" });
+            self.conv(&n, ch, ch, 3);
+            n
+        });
+        if up {
+            Layer::Up { conv }
+        } else {
+            Layer::Down { conv }
+        }
+    }
+}
+
+/// What the encoder hands the rest: its blocks, the channels of each skip, and where it ends.
+struct Encoder {
+    blocks: Vec<Vec<Layer>>,
+    skips: Vec<usize>,
+    ch: usize,
+    ds: usize,
+}
+
 impl UNetModel {
     /// Builds the module tree of `config` exactly as the reference's constructor does.
     pub fn new(config: &UNetConfig) -> Result<Self> {
         config.validate()?;
-        let c = config;
-        let mc = c.model_channels;
-        let ted = mc * 4;
-        let attn_ds = c.attention_ds();
-        let mut shapes: Vec<(String, Vec<usize>)> = Vec::new();
-        let add_conv =
-            |shapes: &mut Vec<(String, Vec<usize>)>, n: &str, i: usize, o: usize, k: usize| {
-                shapes.push((format!("{n}.weight"), vec![o, i, k, k]));
-                shapes.push((format!("{n}.bias"), vec![o]));
-            };
-        let add_linear = |shapes: &mut Vec<(String, Vec<usize>)>, n: &str, i: usize, o: usize| {
-            shapes.push((format!("{n}.weight"), vec![o, i]));
-            shapes.push((format!("{n}.bias"), vec![o]));
+        let mc = config.model_channels;
+        let mut b = Builder {
+            c: config,
+            ted: mc * 4,
+            shapes: Vec::new(),
         };
-        let add_norm = |shapes: &mut Vec<(String, Vec<usize>)>, n: &str, ch: usize| {
-            shapes.push((format!("{n}.weight"), vec![ch]));
-            shapes.push((format!("{n}.bias"), vec![ch]));
-        };
-        add_linear(&mut shapes, "time_embed.0", mc, ted);
-        add_linear(&mut shapes, "time_embed.2", ted, ted);
-        if let Some(n) = c.num_classes {
-            shapes.push(("label_emb.weight".into(), vec![n, ted]));
+        b.linear("time_embed.0", mc, b.ted);
+        b.linear("time_embed.2", b.ted, b.ted);
+        if let Some(n) = config.num_classes {
+            b.shapes.push(("label_emb.weight".into(), vec![n, b.ted]));
         }
+        let enc = Self::encoder(&mut b)?;
+        let (ch, ds) = (enc.ch, enc.ds);
+        let middle_block = vec![
+            b.res("middle_block.0".into(), ch, ch, false, false),
+            b.attn("middle_block.1".into(), ch, config.num_heads, ds)?,
+            b.res("middle_block.2".into(), ch, ch, false, false),
+        ];
+        let (output_blocks, ch) = Self::decoder(&mut b, enc.skips, ch, ds)?;
+        b.norm("out.0", ch);
+        b.conv("out.2", config.channel_mult[0] * mc, config.out_channels, 3);
+        Ok(Self {
+            config: config.clone(),
+            input_blocks: enc.blocks,
+            middle_block,
+            output_blocks,
+            shapes: b.shapes,
+        })
+    }
 
-        let res = |shapes: &mut Vec<(String, Vec<usize>)>,
-                   name: String,
-                   ch: usize,
-                   out: usize,
-                   up: bool,
-                   down: bool| {
-            add_norm(shapes, &format!("{name}.in_layers.0"), ch);
-            add_conv(shapes, &format!("{name}.in_layers.2"), ch, out, 3);
-            let emb_out = if c.use_scale_shift_norm { 2 * out } else { out };
-            add_linear(shapes, &format!("{name}.emb_layers.1"), ted, emb_out);
-            add_norm(shapes, &format!("{name}.out_layers.0"), out);
-            add_conv(shapes, &format!("{name}.out_layers.3"), out, out, 3);
-            let has_skip_conv = out != ch;
-            if has_skip_conv {
-                add_conv(shapes, &format!("{name}.skip_connection"), ch, out, 1);
-            }
-            Layer::Res(ResBlock {
-                name,
-                scale_shift: c.use_scale_shift_norm,
-                up,
-                down,
-                has_skip_conv,
-                out_channels: out,
-                dropout: c.dropout,
-            })
-        };
-        let attn = |shapes: &mut Vec<(String, Vec<usize>)>,
-                    name: String,
-                    ch: usize,
-                    num_heads: i64,
-                    ds: usize|
-         -> Result<Layer> {
-            let heads = if c.num_head_channels == -1 {
-                num_heads as usize
-            } else {
-                let hc = c.num_head_channels as usize;
-                if hc == 0 || !ch.is_multiple_of(hc) {
-                    return Err(Error::Config(format!(
-                        "{ch} channels are not divisible by num_head_channels {hc}"
-                    )));
-                }
-                ch / hc
-            };
-            if heads == 0 || !ch.is_multiple_of(heads) {
-                return Err(Error::Config(format!(
-                    "{ch} channels not divisible into {heads} heads"
-                )));
-            }
-            add_norm(shapes, &format!("{name}.norm"), ch);
-            shapes.push((format!("{name}.qkv.weight"), vec![3 * ch, ch, 1]));
-            shapes.push((format!("{name}.qkv.bias"), vec![3 * ch]));
-            shapes.push((format!("{name}.proj_out.weight"), vec![ch, ch, 1]));
-            shapes.push((format!("{name}.proj_out.bias"), vec![ch]));
-            Ok(Layer::Attn(AttentionBlock {
-                name,
-                channels: ch,
-                side: c.image_size / ds,
-                heads,
-                new_order: c.use_new_attention_order,
-            }))
-        };
-
+    /// `input_blocks`: the stem conv, then per level `num_res_blocks` resblocks (with attention
+    /// at the configured resolutions) and a downsampling layer between levels.
+    fn encoder(b: &mut Builder<'_>) -> Result<Encoder> {
+        let c = b.c;
+        let (mc, attn_ds) = (c.model_channels, c.attention_ds());
         let mut ch = c.channel_mult[0] * mc;
-        let input_ch = ch;
-        add_conv(&mut shapes, "input_blocks.0.0", c.in_channels, ch, 3);
-        let mut input_blocks = vec![vec![Layer::Conv {
+        b.conv("input_blocks.0.0", c.in_channels, ch, 3);
+        let mut blocks = vec![vec![Layer::Conv {
             name: "input_blocks.0.0".into(),
             stride: 1,
         }]];
-        let mut chans = vec![ch];
+        let mut skips = vec![ch];
         let mut ds = 1;
         for (level, &mult) in c.channel_mult.iter().enumerate() {
             for _ in 0..c.num_res_blocks {
-                let i = input_blocks.len();
+                let i = blocks.len();
                 let out = mult * mc;
-                let mut layers = vec![res(
-                    &mut shapes,
-                    format!("input_blocks.{i}.0"),
-                    ch,
-                    out,
-                    false,
-                    false,
-                )];
+                let mut layers = vec![b.res(format!("input_blocks.{i}.0"), ch, out, false, false)];
                 ch = out;
                 if attn_ds.contains(&ds) {
-                    layers.push(attn(
-                        &mut shapes,
-                        format!("input_blocks.{i}.1"),
-                        ch,
-                        c.num_heads,
-                        ds,
-                    )?);
+                    layers.push(b.attn(format!("input_blocks.{i}.1"), ch, c.num_heads, ds)?);
                 }
-                input_blocks.push(layers);
-                chans.push(ch);
+                blocks.push(layers);
+                skips.push(ch);
             }
             if level != c.channel_mult.len() - 1 {
-                let i = input_blocks.len();
-                let name = format!("input_blocks.{i}.0");
-                let layer = if c.resblock_updown {
-                    res(&mut shapes, name, ch, ch, false, true)
-                } else if c.conv_resample {
-                    let n = format!("{name}.op");
-                    add_conv(&mut shapes, &n, ch, ch, 3);
-                    Layer::Down { conv: Some(n) }
-                } else {
-                    Layer::Down { conv: None }
-                };
-                input_blocks.push(vec![layer]);
-                chans.push(ch);
+                let i = blocks.len();
+                blocks.push(vec![b.resample(format!("input_blocks.{i}.0"), ch, false)]);
+                skips.push(ch);
                 ds *= 2;
             }
         }
-        let middle_block = vec![
-            res(&mut shapes, "middle_block.0".into(), ch, ch, false, false),
-            attn(&mut shapes, "middle_block.1".into(), ch, c.num_heads, ds)?,
-            res(&mut shapes, "middle_block.2".into(), ch, ch, false, false),
-        ];
-        let mut output_blocks = Vec::new();
+        Ok(Encoder {
+            blocks,
+            skips,
+            ch,
+            ds,
+        })
+    }
+
+    /// `output_blocks`: per level, from the deepest, `num_res_blocks + 1` resblocks on the
+    /// concatenated skip (with attention where configured) and an upsampling layer between
+    /// levels. Returns the blocks and the channels they end with.
+    fn decoder(
+        b: &mut Builder<'_>,
+        mut skips: Vec<usize>,
+        mut ch: usize,
+        mut ds: usize,
+    ) -> Result<(Vec<Vec<Layer>>, usize)> {
+        let c = b.c;
+        let (mc, attn_ds) = (c.model_channels, c.attention_ds());
+        let mut blocks = Vec::new();
         for (level, &mult) in c.channel_mult.iter().enumerate().rev() {
             for i in 0..=c.num_res_blocks {
-                let b = output_blocks.len();
-                let ich = chans.pop().expect("input block channels");
+                let k = blocks.len();
+                let ich = skips.pop().expect("input block channels");
                 let out = mc * mult;
-                let mut layers = vec![res(
-                    &mut shapes,
-                    format!("output_blocks.{b}.0"),
-                    ch + ich,
-                    out,
-                    false,
-                    false,
-                )];
+                let mut layers =
+                    vec![b.res(format!("output_blocks.{k}.0"), ch + ich, out, false, false)];
                 ch = out;
                 if attn_ds.contains(&ds) {
                     let j = layers.len();
-                    layers.push(attn(
-                        &mut shapes,
-                        format!("output_blocks.{b}.{j}"),
-                        ch,
-                        c.heads_upsample(),
-                        ds,
-                    )?);
+                    let name = format!("output_blocks.{k}.{j}");
+                    layers.push(b.attn(name, ch, c.heads_upsample(), ds)?);
                 }
                 if level > 0 && i == c.num_res_blocks {
                     let j = layers.len();
-                    let name = format!("output_blocks.{b}.{j}");
-                    let layer = if c.resblock_updown {
-                        res(&mut shapes, name, ch, ch, true, false)
-                    } else if c.conv_resample {
-                        let n = format!("{name}.conv");
-                        add_conv(&mut shapes, &n, ch, ch, 3);
-                        Layer::Up { conv: Some(n) }
-                    } else {
-                        Layer::Up { conv: None }
-                    };
-                    layers.push(layer);
+                    layers.push(b.resample(format!("output_blocks.{k}.{j}"), ch, true));
                     ds /= 2;
                 }
-                output_blocks.push(layers);
+                blocks.push(layers);
             }
         }
-        add_norm(&mut shapes, "out.0", ch);
-        add_conv(&mut shapes, "out.2", input_ch, c.out_channels, 3);
-        Ok(Self {
-            config: config.clone(),
-            input_blocks,
-            middle_block,
-            output_blocks,
-            shapes,
-        })
+        Ok((blocks, ch))
     }
 
     /// Every parameter name with its shape, in the reference's state-dict order... up to the
