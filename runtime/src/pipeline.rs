@@ -528,7 +528,8 @@ pub const MAX_BATCH: usize = 1 << 16;
 pub const MAX_SAMPLES: usize = 1 << 16;
 
 /// Restores every input of `opts` with `model`. `report_path`, when given, is checked with the
-/// outputs (it must not replace an input or an output).
+/// outputs (it must not replace an input or an output). Three stages run at once: decoding
+/// ([`decode_stage`]), the session on this thread ([`session_stage`]) and the [`Writer`].
 pub fn restore(
     model: &mut Model,
     opts: &RestoreOptions,
@@ -554,12 +555,11 @@ pub fn restore(
     std::fs::create_dir_all(&opts.output).map_err(|e| RuntimeError::io(&opts.output, e))?;
     remove_stale_temporaries(&jobs, opts);
 
-    let mut failed: BTreeMap<usize, String> = BTreeMap::new();
-    for (i, j) in jobs.iter().enumerate() {
-        if let Some(p) = &j.problem {
-            failed.insert(i, p.clone());
-        }
-    }
+    let mut failed: BTreeMap<usize, String> = jobs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, j)| j.problem.clone().map(|p| (i, p)))
+        .collect();
     let mut todo: Vec<usize> = (0..jobs.len())
         .filter(|i| !failed.contains_key(i))
         .collect();
@@ -568,165 +568,25 @@ pub fn restore(
         todo.retain(|&i| !jobs[i].output(&opts.output, opts.format, "").exists());
         report.skipped = before - todo.len();
     }
-
     // Rows per session run: a fixed batch of the graph wins (short runs are padded).
     let rows_per_run = model.fixed_batch.unwrap_or(opts.batch);
     model.check_memory(rows_per_run.min(todo.len() * opts.samples))?;
-    let info = model.info.clone();
-    let [cy, hy, wy] = info.measurement_shape();
-    let [c, sz, _] = info.image_shape();
-    let bar = if opts.progress {
-        indicatif::ProgressBar::new(jobs.len() as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}")
-            .expect("valid template"),
-    );
+    let bar = progress_bar(opts.progress, jobs.len());
     bar.inc((jobs.len() - todo.len()) as u64);
     let (dec_tx, dec_rx) = crossbeam_channel::bounded::<Chunk<Row>>(2);
     let (enc_tx, enc_rx) = crossbeam_channel::bounded::<Chunk<Array3<f32>>>(2);
-    let k = opts.samples;
     let mut session_seconds = 0.0;
-    let (jobs_ref, todo_ref) = (&jobs, &todo);
-
+    let (jobs_ref, todo_ref, bar_ref, info) = (&jobs, &todo, &bar, &model.info.clone());
     let outcome = std::thread::scope(|scope| -> Result<Writer, RuntimeError> {
-        // Stage 1: decode on the pool; noise drawn there too; rows in runs of `rows_per_run`.
-        scope.spawn(move || {
-            let per_group = (rows_per_run / k).max(1);
-            let mut pending: Vec<(usize, usize, Arc<Array3<f32>>)> = Vec::new();
-            let mut fails = Vec::new();
-            let send = |pending: &mut Vec<(usize, usize, Arc<Array3<f32>>)>,
-                        fails: &mut Vec<(usize, String)>|
-             -> bool {
-                let rows: Vec<(usize, usize, Row)> = pending
-                    .par_drain(..)
-                    .map(|(job, sample, m)| {
-                        let z = noise(opts.seed, "bridge", &jobs_ref[job].rel, sample, c * sz * sz);
-                        (
-                            job,
-                            sample,
-                            Row {
-                                measurement: m,
-                                noise: z,
-                            },
-                        )
-                    })
-                    .collect();
-                dec_tx
-                    .send(Chunk {
-                        rows,
-                        failed: std::mem::take(fails),
-                    })
-                    .is_ok()
-            };
-            for group in todo_ref.chunks(per_group) {
-                let decoded: Vec<(usize, Result<Array3<f32>, String>)> = group
-                    .par_iter()
-                    .map(|&i| {
-                        let r = images::load_limited(
-                            &jobs_ref[i].path,
-                            cy,
-                            Some((hy, wy)),
-                            opts.max_pixels,
-                        );
-                        (i, r)
-                    })
-                    .collect();
-                for (i, r) in decoded {
-                    match r {
-                        Err(reason) => fails.push((i, reason)),
-                        Ok(m) => {
-                            let m = Arc::new(m);
-                            for s in 0..k {
-                                pending.push((i, s, m.clone()));
-                                if pending.len() == rows_per_run && !send(&mut pending, &mut fails)
-                                {
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            if !pending.is_empty() || !fails.is_empty() {
-                send(&mut pending, &mut fails);
-            }
-        });
-        // Stage 3: check, encode and write on the pool; sample statistics as rows arrive.
-        let bar_ref = &bar;
+        scope.spawn(move || decode_stage(jobs_ref, todo_ref, opts, info, rows_per_run, dec_tx));
         let writer = scope.spawn(move || {
-            let mut w = Writer::new(opts, k);
+            let mut w = Writer::new(opts, opts.samples);
             for chunk in enc_rx {
                 w.take(jobs_ref, chunk, bar_ref);
             }
             w
         });
-        // Stage 2: the session, on this thread.
-        let run = (|| -> Result<(), RuntimeError> {
-            for chunk in dec_rx {
-                let Chunk { rows, failed } = chunk;
-                if rows.is_empty() {
-                    if enc_tx
-                        .send(Chunk {
-                            rows: Vec::new(),
-                            failed,
-                        })
-                        .is_err()
-                    {
-                        break;
-                    }
-                    continue;
-                }
-                let n = rows.len();
-                let padded = n.max(model.fixed_batch.unwrap_or(0));
-                let mut meas = Array4::<f32>::zeros((padded, cy, hy, wy));
-                let mut z = Array4::<f32>::zeros((padded, c, sz, sz));
-                for (r, (_, _, row)) in rows.iter().enumerate() {
-                    meas.index_axis_mut(Axis(0), r).assign(&*row.measurement);
-                    z.index_axis_mut(Axis(0), r)
-                        .as_slice_mut()
-                        .expect("standard layout")
-                        .copy_from_slice(&row.noise);
-                }
-                let t = Instant::now();
-                let out = model.restore(&meas, &z);
-                session_seconds += t.elapsed().as_secs_f64();
-                let mut failed = failed;
-                let done = match out {
-                    Ok(out) => {
-                        let out = out
-                            .into_dimensionality::<ndarray::Ix4>()
-                            .expect("checked by Model::restore");
-                        rows.iter()
-                            .enumerate()
-                            .map(|(r, &(job, sample, _))| {
-                                (job, sample, out.index_axis(Axis(0), r).to_owned())
-                            })
-                            .collect()
-                    }
-                    // The model's own fault (a wrong output shape) stops the run: every image
-                    // would fail the same way.
-                    Err(e @ RuntimeError::BadOutput { .. }) => return Err(e),
-                    Err(e) => {
-                        // A failed run fails the inputs of its rows, with the reason; the rest go on.
-                        let reason = e.to_string();
-                        let mut seen = BTreeSet::new();
-                        for &(job, _, _) in &rows {
-                            if seen.insert(job) {
-                                failed.push((job, reason.clone()));
-                            }
-                        }
-                        Vec::new()
-                    }
-                };
-                if enc_tx.send(Chunk { rows: done, failed }).is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        })();
+        let run = session_stage(model, dec_rx, &enc_tx, &mut session_seconds);
         drop(enc_tx);
         let w = writer.join().expect("the writer does not panic");
         run.map(|()| w)
@@ -748,6 +608,137 @@ pub fn restore(
     report.session_seconds = session_seconds;
     report.images_per_second = report.restored as f64 / report.seconds.max(1e-9);
     Ok(report)
+}
+
+fn progress_bar(show: bool, n: usize) -> indicatif::ProgressBar {
+    let bar = if show {
+        indicatif::ProgressBar::new(n as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}")
+            .expect("valid template"),
+    );
+    bar
+}
+
+/// Stage 1: decodes the inputs `todo` on the rayon pool and sends their rows (one per sample,
+/// with its noise, drawn there too) in runs of `rows_per_run`, and the inputs that failed.
+fn decode_stage(
+    jobs: &[Job],
+    todo: &[usize],
+    opts: &RestoreOptions,
+    info: &crate::ModelInfo,
+    rows_per_run: usize,
+    tx: crossbeam_channel::Sender<Chunk<Row>>,
+) {
+    let [cy, hy, wy] = info.measurement_shape();
+    let [c, sz, _] = info.image_shape();
+    let k = opts.samples;
+    let mut pending: Vec<(usize, usize, Arc<Array3<f32>>)> = Vec::new();
+    let mut fails = Vec::new();
+    let send = |pending: &mut Vec<(usize, usize, Arc<Array3<f32>>)>,
+                fails: &mut Vec<(usize, String)>|
+     -> bool {
+        let rows = pending
+            .par_drain(..)
+            .map(|(job, sample, measurement)| {
+                let noise = noise(opts.seed, "bridge", &jobs[job].rel, sample, c * sz * sz);
+                (job, sample, Row { measurement, noise })
+            })
+            .collect();
+        let failed = std::mem::take(fails);
+        tx.send(Chunk { rows, failed }).is_ok()
+    };
+    for group in todo.chunks((rows_per_run / k).max(1)) {
+        let decoded: Vec<(usize, Result<Array3<f32>, String>)> = group
+            .par_iter()
+            .map(|&i| {
+                let path = &jobs[i].path;
+                (
+                    i,
+                    images::load_limited(path, cy, Some((hy, wy)), opts.max_pixels),
+                )
+            })
+            .collect();
+        for (i, r) in decoded {
+            match r {
+                Err(reason) => fails.push((i, reason)),
+                Ok(m) => {
+                    let m = Arc::new(m);
+                    for s in 0..k {
+                        pending.push((i, s, m.clone()));
+                        if pending.len() == rows_per_run && !send(&mut pending, &mut fails) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if !pending.is_empty() || !fails.is_empty() {
+        send(&mut pending, &mut fails);
+    }
+}
+
+/// Stage 2: runs each chunk of rows through the session (padded to a fixed batch), sends the
+/// outputs on. A failed run fails its rows' inputs with the reason; a wrong output shape, the
+/// model's own fault, stops everything.
+fn session_stage(
+    model: &mut Model,
+    rx: crossbeam_channel::Receiver<Chunk<Row>>,
+    tx: &crossbeam_channel::Sender<Chunk<Array3<f32>>>,
+    seconds: &mut f64,
+) -> Result<(), RuntimeError> {
+    let [cy, hy, wy] = model.info.measurement_shape();
+    let [c, sz, _] = model.info.image_shape();
+    for Chunk { rows, mut failed } in rx {
+        let mut done = Vec::new();
+        if !rows.is_empty() {
+            let padded = rows.len().max(model.fixed_batch.unwrap_or(0));
+            let mut meas = Array4::<f32>::zeros((padded, cy, hy, wy));
+            let mut z = Array4::<f32>::zeros((padded, c, sz, sz));
+            for (r, (_, _, row)) in rows.iter().enumerate() {
+                meas.index_axis_mut(Axis(0), r).assign(&*row.measurement);
+                z.index_axis_mut(Axis(0), r)
+                    .as_slice_mut()
+                    .expect("standard layout")
+                    .copy_from_slice(&row.noise);
+            }
+            let t = Instant::now();
+            let out = model.restore(&meas, &z);
+            *seconds += t.elapsed().as_secs_f64();
+            match out {
+                Ok(out) => {
+                    let out = out
+                        .into_dimensionality::<ndarray::Ix4>()
+                        .expect("checked by Model::restore");
+                    done = rows
+                        .iter()
+                        .enumerate()
+                        .map(|(r, &(job, sample, _))| {
+                            (job, sample, out.index_axis(Axis(0), r).to_owned())
+                        })
+                        .collect();
+                }
+                Err(e @ RuntimeError::BadOutput { .. }) => return Err(e),
+                Err(e) => {
+                    let reason = e.to_string();
+                    let mut seen = BTreeSet::new();
+                    for &(job, _, _) in &rows {
+                        if seen.insert(job) {
+                            failed.push((job, reason.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        if tx.send(Chunk { rows: done, failed }).is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Running sums of one input's samples (mean and standard deviation written once all arrived).
