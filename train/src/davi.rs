@@ -353,13 +353,7 @@ pub fn train(args: &DaviArgs) -> Result<PathBuf> {
         hp.batch_size,
         data.name
     );
-    let sched = Schedule {
-        steps: hp.steps,
-        batch_size: hp.batch_size,
-        seed: hp.seed,
-        checkpoint_every: hp.checkpoint_every,
-        device: args.device,
-    };
-    drive(&mut tr, &data, &run, &cfg.hash(), &sched)?;
+    let sched = Schedule::new(hp.steps, hp.batch_size, hp.seed, hp.checkpoint_every);
+    drive(&mut tr, &data, &run, &cfg.hash(), &sched.on(args.device))?;
     Ok(dir)
 }

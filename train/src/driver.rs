@@ -44,6 +44,25 @@ pub struct Schedule {
     pub device: Device,
 }
 
+impl Schedule {
+    /// `steps` of `batch_size` images, batches ordered by `seed`, a checkpoint every
+    /// `checkpoint_every` steps; on the CPU until [`Self::on`].
+    pub fn new(steps: usize, batch_size: usize, seed: u64, checkpoint_every: usize) -> Self {
+        Self {
+            steps,
+            batch_size,
+            seed,
+            checkpoint_every,
+            device: Device::Cpu,
+        }
+    }
+
+    /// The same schedule with its batches on `device`.
+    pub fn on(self, device: Device) -> Self {
+        Self { device, ..self }
+    }
+}
+
 /// Fails with the value's name and step when a loss is not finite.
 pub fn finite(name: &str, value: f64, step: usize) -> Result<f64> {
     if !value.is_finite() {

@@ -179,14 +179,8 @@ pub fn train(args: &PriorArgs) -> Result<PathBuf> {
             "eps MSE"
         }
     );
-    let sched = Schedule {
-        steps: hp.steps,
-        batch_size: hp.batch_size,
-        seed: hp.seed,
-        checkpoint_every: hp.checkpoint_every,
-        device: args.device,
-    };
-    drive(&mut t, &data, &run, &cfg.hash(), &sched)?;
+    let sched = Schedule::new(hp.steps, hp.batch_size, hp.seed, hp.checkpoint_every);
+    drive(&mut t, &data, &run, &cfg.hash(), &sched.on(args.device))?;
     Ok(dir)
 }
 
