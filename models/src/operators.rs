@@ -113,6 +113,12 @@ impl Operator {
         Ok(())
     }
 
+    /// Whether `H` acts locally (a pixel of `H x` depends on a neighbourhood of `x`), so that a
+    /// larger image can be restored tile by tile. The fixed centred box of inpainting is not.
+    pub fn is_local(&self) -> bool {
+        !matches!(self, Operator::Inpaint { .. })
+    }
+
     /// Shape `[Cy, Hy, Wy]` of a measurement of an image `[c, s, s]`.
     pub fn measurement_shape(&self, c: usize, s: usize) -> [usize; 3] {
         match *self {

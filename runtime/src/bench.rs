@@ -72,6 +72,7 @@ pub fn restore(
         follow_symlinks: false,
         progress: false,
         max_pixels: crate::images::DEFAULT_MAX_PIXELS,
+        overlap: crate::pipeline::DEFAULT_OVERLAP,
     };
     let r = pipeline::restore(model, &opts, None);
     let _ = std::fs::remove_dir_all(&out);

@@ -99,6 +99,10 @@ pub struct RestoreArgs {
     /// Refuse images above this many pixels from their header, without decoding them.
     #[arg(long, default_value_t = images::DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
+    /// Images larger than the model are restored in tiles overlapping by this fraction of a
+    /// tile, blended with a raised-cosine window.
+    #[arg(long, default_value_t = pipeline::DEFAULT_OVERLAP)]
+    pub overlap: f64,
     #[command(flatten)]
     pub ep: EpArgs,
 }
@@ -283,6 +287,7 @@ pub fn restore(a: RestoreArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, Run
         follow_symlinks: a.follow_symlinks,
         progress: std::io::stderr().is_terminal(),
         max_pixels: a.max_pixels,
+        overlap: a.overlap,
     };
     let r = pipeline::restore(&mut m, &opts, a.report.as_deref())?;
     finish(&r, a.report.as_deref(), "restored")

@@ -55,6 +55,7 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
         follow_symlinks: false,
         progress: false,
         max_pixels: images::DEFAULT_MAX_PIXELS,
+        overlap: crate::pipeline::DEFAULT_OVERLAP,
     };
     let (jobs, ignored) = crate::pipeline::plan(&plan_opts, None, &[])?;
     report.found = jobs.len();

@@ -12,6 +12,7 @@ pub mod model;
 pub mod ortlib;
 pub mod paths;
 pub mod pipeline;
+pub mod tiles;
 pub mod verify;
 
 pub use model::{Ep, Model, ModelInfo, SessionOptions};

@@ -7,6 +7,7 @@
 //! size, order or sharding.
 
 use crate::images::{self, Format};
+use crate::tiles::{Canvas, Grid};
 use crate::{paths, Model, RuntimeError};
 use ndarray::{Array3, Array4, Axis, Zip};
 use rand::SeedableRng;
@@ -45,6 +46,8 @@ pub struct RestoreOptions {
     pub progress: bool,
     /// Images above this many pixels are refused from their header, without decoding.
     pub max_pixels: u64,
+    /// Overlap of neighbouring tiles of a larger image, as a fraction of the tile.
+    pub overlap: f64,
 }
 
 /// One file that could not be restored.
@@ -512,8 +515,17 @@ pub fn noise(seed: u64, stream: &str, rel: &Path, sample: usize, n: usize) -> Ve
 
 /// One row of a session run: an input's measurement and the noise of one of its samples.
 struct Row {
-    measurement: Arc<Array3<f32>>,
+    measurement: Array3<f32>,
     noise: Vec<f32>,
+    tile: usize,
+    grid: Arc<Grid>,
+}
+
+/// One restored row: tile `tile` of its input's `grid`.
+struct Restored {
+    image: Array3<f32>,
+    tile: usize,
+    grid: Arc<Grid>,
 }
 
 /// What flows between the stages: rows (decoded, or restored) and inputs that failed.
@@ -521,6 +533,9 @@ struct Chunk<T> {
     rows: Vec<(usize, usize, T)>,
     failed: Vec<(usize, String)>,
 }
+
+/// The default overlap of neighbouring tiles, as a fraction of the tile.
+pub const DEFAULT_OVERLAP: f64 = 0.25;
 
 /// The largest `--batch` and `--samples` accepted.
 pub const MAX_BATCH: usize = 1 << 16;
@@ -540,6 +555,12 @@ pub fn restore(
         return Err(RuntimeError::Usage(
             "--batch and --samples must be at least 1".into(),
         ));
+    }
+    if !(0.0..0.9).contains(&opts.overlap) {
+        return Err(RuntimeError::Usage(format!(
+            "--overlap {}: a fraction of the tile from 0 to 0.9",
+            opts.overlap
+        )));
     }
     if opts.batch > MAX_BATCH || opts.samples > MAX_SAMPLES {
         return Err(RuntimeError::Usage(format!(
@@ -574,13 +595,13 @@ pub fn restore(
     let bar = progress_bar(opts.progress, jobs.len());
     bar.inc((jobs.len() - todo.len()) as u64);
     let (dec_tx, dec_rx) = crossbeam_channel::bounded::<Chunk<Row>>(2);
-    let (enc_tx, enc_rx) = crossbeam_channel::bounded::<Chunk<Array3<f32>>>(2);
+    let (enc_tx, enc_rx) = crossbeam_channel::bounded::<Chunk<Restored>>(2);
     let mut session_seconds = 0.0;
     let (jobs_ref, todo_ref, bar_ref, info) = (&jobs, &todo, &bar, &model.info.clone());
     let outcome = std::thread::scope(|scope| -> Result<Writer, RuntimeError> {
         scope.spawn(move || decode_stage(jobs_ref, todo_ref, opts, info, rows_per_run, dec_tx));
         let writer = scope.spawn(move || {
-            let mut w = Writer::new(opts, opts.samples);
+            let mut w = Writer::new(opts, opts.samples, info.channels);
             for chunk in enc_rx {
                 w.take(jobs_ref, chunk, bar_ref);
             }
@@ -623,8 +644,27 @@ fn progress_bar(show: bool, n: usize) -> indicatif::ProgressBar {
     bar
 }
 
-/// Stage 1: decodes the inputs `todo` on the rayon pool and sends their rows (one per sample,
-/// with its noise, drawn there too) in runs of `rows_per_run`, and the inputs that failed.
+/// The tile grid of a decoded measurement `[c, H, W]` for `info`'s model, or why it cannot be
+/// restored: smaller than the model, or larger with an operator that is not local.
+fn grid_of(m: &Array3<f32>, info: &crate::ModelInfo, overlap: f64) -> Result<Grid, String> {
+    let [_, hy, wy] = info.measurement_shape();
+    let (_, h, w) = m.dim();
+    let scale = info.image_size / hy.max(1);
+    let px = ((hy.min(wy) as f64 * overlap).round() as usize).min(hy.min(wy) - 1);
+    let grid = Grid::new((h, w), (hy, wy), px, scale).map_err(|e| format!("wrong size: {e}"))?;
+    if !grid.is_single() && !info.operator.is_local() {
+        return Err(format!(
+            "wrong size: the model takes exactly {wy}x{hy} images, this one is {w}x{h}; its {} operator is not local (a box at the centre of the image), so it cannot be restored in tiles",
+            info.operator.task()
+        ));
+    }
+    Ok(grid)
+}
+
+/// Stage 1: decodes the inputs `todo` on the rayon pool, cuts each into the tiles the model
+/// takes, and sends the rows (one per sample and tile, with its noise, drawn there too) in runs
+/// of `rows_per_run`, and the inputs that failed. An image of the model's size is one tile whose
+/// noise is seeded as ever; the tiles of a larger one by their position too.
 fn decode_stage(
     jobs: &[Job],
     todo: &[usize],
@@ -633,44 +673,59 @@ fn decode_stage(
     rows_per_run: usize,
     tx: crossbeam_channel::Sender<Chunk<Row>>,
 ) {
-    let [cy, hy, wy] = info.measurement_shape();
+    let [cy, _, _] = info.measurement_shape();
     let [c, sz, _] = info.image_shape();
     let k = opts.samples;
-    let mut pending: Vec<(usize, usize, Arc<Array3<f32>>)> = Vec::new();
+    type Pending = (usize, usize, usize, Arc<Array3<f32>>, Arc<Grid>);
+    let mut pending: Vec<Pending> = Vec::new();
     let mut fails = Vec::new();
-    let send = |pending: &mut Vec<(usize, usize, Arc<Array3<f32>>)>,
-                fails: &mut Vec<(usize, String)>|
-     -> bool {
+    let send = |pending: &mut Vec<Pending>, fails: &mut Vec<(usize, String)>| -> bool {
         let rows = pending
             .par_drain(..)
-            .map(|(job, sample, measurement)| {
-                let noise = noise(opts.seed, "bridge", &jobs[job].rel, sample, c * sz * sz);
-                (job, sample, Row { measurement, noise })
+            .map(|(job, sample, tile, m, grid)| {
+                let stream = if grid.is_single() {
+                    "bridge".to_string()
+                } else {
+                    let (y, x) = grid.origins[tile];
+                    format!("bridge-tile-{y}-{x}")
+                };
+                let noise = noise(opts.seed, &stream, &jobs[job].rel, sample, c * sz * sz);
+                let measurement = grid.cut(m.view(), tile);
+                let row = Row {
+                    measurement,
+                    noise,
+                    tile,
+                    grid,
+                };
+                (job, sample, row)
             })
             .collect();
         let failed = std::mem::take(fails);
         tx.send(Chunk { rows, failed }).is_ok()
     };
     for group in todo.chunks((rows_per_run / k).max(1)) {
-        let decoded: Vec<(usize, Result<Array3<f32>, String>)> = group
+        let decoded: Vec<(usize, Result<(Array3<f32>, Grid), String>)> = group
             .par_iter()
             .map(|&i| {
                 let path = &jobs[i].path;
-                (
-                    i,
-                    images::load_limited(path, cy, Some((hy, wy)), opts.max_pixels),
-                )
+                let r = images::load_limited(path, cy, None, opts.max_pixels).and_then(|m| {
+                    let g = grid_of(&m, info, opts.overlap)?;
+                    Ok((m, g))
+                });
+                (i, r)
             })
             .collect();
         for (i, r) in decoded {
             match r {
                 Err(reason) => fails.push((i, reason)),
-                Ok(m) => {
-                    let m = Arc::new(m);
+                Ok((m, grid)) => {
+                    let (m, grid) = (Arc::new(m), Arc::new(grid));
                     for s in 0..k {
-                        pending.push((i, s, m.clone()));
-                        if pending.len() == rows_per_run && !send(&mut pending, &mut fails) {
-                            return;
+                        for t in 0..grid.len() {
+                            pending.push((i, s, t, m.clone(), grid.clone()));
+                            if pending.len() == rows_per_run && !send(&mut pending, &mut fails) {
+                                return;
+                            }
                         }
                     }
                 }
@@ -688,7 +743,7 @@ fn decode_stage(
 fn session_stage(
     model: &mut Model,
     rx: crossbeam_channel::Receiver<Chunk<Row>>,
-    tx: &crossbeam_channel::Sender<Chunk<Array3<f32>>>,
+    tx: &crossbeam_channel::Sender<Chunk<Restored>>,
     seconds: &mut f64,
 ) -> Result<(), RuntimeError> {
     let [cy, hy, wy] = model.info.measurement_shape();
@@ -700,7 +755,7 @@ fn session_stage(
             let mut meas = Array4::<f32>::zeros((padded, cy, hy, wy));
             let mut z = Array4::<f32>::zeros((padded, c, sz, sz));
             for (r, (_, _, row)) in rows.iter().enumerate() {
-                meas.index_axis_mut(Axis(0), r).assign(&*row.measurement);
+                meas.index_axis_mut(Axis(0), r).assign(&row.measurement);
                 z.index_axis_mut(Axis(0), r)
                     .as_slice_mut()
                     .expect("standard layout")
@@ -715,10 +770,12 @@ fn session_stage(
                         .into_dimensionality::<ndarray::Ix4>()
                         .expect("checked by Model::restore");
                     done = rows
-                        .iter()
+                        .into_iter()
                         .enumerate()
-                        .map(|(r, &(job, sample, _))| {
-                            (job, sample, out.index_axis(Axis(0), r).to_owned())
+                        .map(|(r, (job, sample, row))| {
+                            let image = out.index_axis(Axis(0), r).to_owned();
+                            let (tile, grid) = (row.tile, row.grid);
+                            (job, sample, Restored { image, tile, grid })
                         })
                         .collect();
                 }
@@ -752,16 +809,21 @@ struct Stats {
 struct Writer<'a> {
     opts: &'a RestoreOptions,
     k: usize,
+    channels: usize,
+    /// Tiled samples being blended, by (input, sample).
+    canvases: HashMap<(usize, usize), Canvas>,
     stats: HashMap<usize, Stats>,
     failed: BTreeMap<usize, String>,
     restored: usize,
 }
 
 impl<'a> Writer<'a> {
-    fn new(opts: &'a RestoreOptions, k: usize) -> Self {
+    fn new(opts: &'a RestoreOptions, k: usize, channels: usize) -> Self {
         Self {
             opts,
             k,
+            channels,
+            canvases: HashMap::new(),
             stats: HashMap::new(),
             failed: BTreeMap::new(),
             restored: 0,
@@ -772,6 +834,7 @@ impl<'a> Writer<'a> {
         if self.failed.contains_key(&i) {
             return;
         }
+        self.canvases.retain(|&(job, _), _| job != i);
         // Samples already written for it go: nothing is left of an input that failed.
         if let Some(st) = self.stats.remove(&i) {
             for s in 0..st.n {
@@ -786,23 +849,40 @@ impl<'a> Writer<'a> {
         bar.inc(1);
     }
 
-    fn take(&mut self, jobs: &[Job], chunk: Chunk<Array3<f32>>, bar: &indicatif::ProgressBar) {
+    fn take(&mut self, jobs: &[Job], chunk: Chunk<Restored>, bar: &indicatif::ProgressBar) {
         for (i, reason) in chunk.failed {
             self.fail(jobs, i, reason, bar);
         }
         let (opts, k) = (self.opts, self.k);
-        // Check and write every row in parallel.
-        let written: Vec<(usize, usize, Result<Array3<f32>, String>)> = chunk
-            .rows
+        // Check each row, and blend the tiles of larger images until their sample is whole.
+        let mut samples = Vec::new();
+        for (i, s, r) in chunk.rows {
+            if self.failed.contains_key(&i) {
+                continue;
+            }
+            if r.image.iter().any(|v| !v.is_finite()) {
+                let reason = "the model returned NaN or infinite values".to_string();
+                self.fail(jobs, i, reason, bar);
+                continue;
+            }
+            if r.grid.is_single() {
+                samples.push((i, s, r.image));
+                continue;
+            }
+            let c = self.channels;
+            let canvas = self
+                .canvases
+                .entry((i, s))
+                .or_insert_with(|| Canvas::new(&r.grid, c));
+            if let Some(image) = canvas.add(&r.grid, r.tile, r.image.view()) {
+                self.canvases.remove(&(i, s));
+                samples.push((i, s, image));
+            }
+        }
+        // Write every whole sample in parallel.
+        let written: Vec<(usize, usize, Result<Array3<f32>, String>)> = samples
             .into_par_iter()
             .map(|(i, s, img)| {
-                if img.iter().any(|v| !v.is_finite()) {
-                    return (
-                        i,
-                        s,
-                        Err("the model returned NaN or infinite values".into()),
-                    );
-                }
                 let suffix = if k == 1 {
                     String::new()
                 } else {

@@ -1,0 +1,162 @@
+//! Images of any size (at least the model's): tiles, blended without seams, deterministic.
+
+use davi_tests::{random_model, restore, root, tree, write_images};
+use std::path::Path;
+
+/// A grey image of `w` x `h` with varied content.
+fn grey(path: &Path, w: u32, h: u32, seed: u32) {
+    image::GrayImage::from_fn(w, h, |x, y| {
+        image::Luma([((x * 7 + y * 13 + seed * 31 + (x * y) % 17) % 256) as u8])
+    })
+    .save(path)
+    .unwrap();
+}
+
+#[test]
+fn an_image_of_the_model_size_is_restored_exactly_as_one_run() {
+    use ndarray::Array4;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    write_images(&inp, 1, 32);
+    let (code, _, err) = restore(&model, &inp, &tmp.path().join("out"), &["--seed", "5"]);
+    assert_eq!(code, 0, "{err}");
+    // The same through the bare session, with the bridge noise of (seed, path).
+    let mut m =
+        davi_runtime::Model::load(&model, &davi_runtime::SessionOptions::default()).unwrap();
+    let meas = davi_runtime::images::load(&inp.join("img_000.png"), 1, None).unwrap();
+    let z = davi_runtime::pipeline::noise(5, "bridge", Path::new("img_000.png"), 0, 1024);
+    let out = m
+        .restore(
+            &meas.insert_axis(ndarray::Axis(0)).to_owned(),
+            &Array4::from_shape_vec((1, 1, 32, 32), z).unwrap(),
+        )
+        .unwrap();
+    let img = out.index_axis(ndarray::Axis(0), 0).to_owned();
+    let img = img.into_dimensionality::<ndarray::Ix3>().unwrap();
+    let bytes =
+        davi_runtime::images::encode(img.view(), davi_runtime::images::Format::Png).unwrap();
+    assert_eq!(
+        std::fs::read(tmp.path().join("out/img_000.png")).unwrap(),
+        bytes
+    );
+}
+
+#[test]
+fn tiled_outputs_have_the_input_size_and_do_not_depend_on_batch_or_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inp = tmp.path().join("in");
+    std::fs::create_dir_all(&inp).unwrap();
+    grey(&inp.join("a.png"), 32, 32, 1);
+    grey(&inp.join("b.png"), 70, 45, 2);
+    grey(&inp.join("c.png"), 100, 33, 3);
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let base = tmp.path().join("b16");
+    let (code, _, err) = restore(&model, &inp, &base, &[]);
+    assert_eq!(code, 0, "{err}");
+    for (name, w, h) in [("a.png", 32, 32), ("b.png", 70, 45), ("c.png", 100, 33)] {
+        let img = image::open(base.join(name)).unwrap();
+        assert_eq!((img.width(), img.height()), (w, h), "{name}");
+    }
+    for batch in ["1", "5", "64"] {
+        let out = tmp.path().join(format!("b{batch}"));
+        let (code, _, err) = restore(&model, &inp, &out, &["--batch", batch]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(tree(&out), tree(&base), "--batch {batch}");
+    }
+    let sharded = tmp.path().join("sharded");
+    for shard in ["0/2", "1/2"] {
+        assert_eq!(restore(&model, &inp, &sharded, &["--shard", shard]).0, 0);
+    }
+    assert_eq!(tree(&sharded), tree(&base));
+    // Samples of tiled images too.
+    let (code, _, err) = restore(&model, &inp, &tmp.path().join("k2"), &["--samples", "2"]);
+    assert_eq!(code, 0, "{err}");
+    let img = image::open(tmp.path().join("k2/b.std.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (70, 45));
+}
+
+#[test]
+fn super_resolution_tiles_live_in_measurement_space() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inp = tmp.path().join("in");
+    std::fs::create_dir_all(&inp).unwrap();
+    grey(&inp.join("small.png"), 20, 12, 4);
+    let model = random_model(&tmp.path().join("m"), "sr");
+    let out = tmp.path().join("out");
+    let (code, _, err) = restore(&model, &inp, &out, &[]);
+    assert_eq!(code, 0, "{err}");
+    let img = image::open(out.join("small.png")).unwrap();
+    assert_eq!((img.width(), img.height()), (80, 48));
+}
+
+#[test]
+fn what_cannot_be_tiled_is_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inp = tmp.path().join("in");
+    std::fs::create_dir_all(&inp).unwrap();
+    grey(&inp.join("large.png"), 64, 48, 5);
+    grey(&inp.join("tiny.png"), 20, 40, 6);
+    let inpaint = random_model(&tmp.path().join("m"), "inpaint");
+    let (code, _, err) = restore(&inpaint, &inp, &tmp.path().join("out"), &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("large.png") && err.contains("not local"),
+        "{err}"
+    );
+    assert!(
+        err.contains("tiny.png") && err.contains("smaller than"),
+        "{err}"
+    );
+}
+
+/// Mean |I[x] - I[x-1]| over the columns in `cols` (all rows, all channels).
+fn column_gradient(img: &image::RgbImage, cols: &[u32]) -> f64 {
+    let mut sum = 0.0;
+    let mut n = 0usize;
+    for &x in cols {
+        for y in 0..img.height() {
+            let (a, b) = (img.get_pixel(x, y), img.get_pixel(x - 1, y));
+            for k in 0..3 {
+                sum += (a[k] as f64 - b[k] as f64).abs();
+                n += 1;
+            }
+        }
+    }
+    sum / n as f64
+}
+
+#[test]
+fn a_real_photograph_shows_no_seams() {
+    let photo = root().join(".deps/data/skimage/astronaut.png");
+    assert!(
+        photo.is_file(),
+        "scripts/setup installs the scikit-image photos"
+    );
+    let model = root().join("models/zoo/photo32-colorize/model.onnx");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let (code, _, err) = restore(&model, &photo, &out, &[]);
+    assert_eq!(code, 0, "{err}");
+    let img = image::open(out.join("astronaut.png")).unwrap().to_rgb8();
+    assert_eq!((img.width(), img.height()), (512, 512));
+    // Tile edges of the default grid (32 px tiles overlapping by 8) against every other column.
+    let grid = davi_runtime::tiles::Grid::new((512, 512), (32, 32), 8, 1).unwrap();
+    let mut edges: Vec<u32> = grid
+        .origins
+        .iter()
+        .flat_map(|&(_, x)| [x as u32, (x + 32) as u32])
+        .filter(|&x| x > 0 && x < 512)
+        .collect();
+    edges.sort();
+    edges.dedup();
+    let inside: Vec<u32> = (1..512).filter(|x| !edges.contains(x)).collect();
+    let (at_edges, elsewhere) = (
+        column_gradient(&img, &edges),
+        column_gradient(&img, &inside),
+    );
+    assert!(
+        (at_edges - elsewhere).abs() <= 0.10 * elsewhere,
+        "mean |gradient| across tile edges {at_edges:.3}, inside tiles {elsewhere:.3}"
+    );
+}
