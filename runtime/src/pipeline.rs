@@ -704,7 +704,8 @@ fn decode_stage(
         tx.send(Chunk { rows, failed }).is_ok()
     };
     for group in todo.chunks((rows_per_run / k).max(1)) {
-        let decoded: Vec<(usize, Result<(Array3<f32>, Grid), String>)> = group
+        type Decoded = Result<(Array3<f32>, Grid), String>;
+        let decoded: Vec<(usize, Decoded)> = group
             .par_iter()
             .map(|&i| {
                 let path = &jobs[i].path;

@@ -62,6 +62,11 @@ impl Grid {
         self.origins.len()
     }
 
+    /// Never true: a grid has at least one tile.
+    pub fn is_empty(&self) -> bool {
+        self.origins.is_empty()
+    }
+
     /// Whether the image is exactly one tile (restored as it is, with no blending).
     pub fn is_single(&self) -> bool {
         self.origins.len() == 1 && self.size == self.tile
