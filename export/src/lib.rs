@@ -389,16 +389,38 @@ pub fn export_operator(
     c: usize,
     s: usize,
 ) -> Result<ModelProto, ExportError> {
-    op.validate(c, s)?;
+    export_operator_hw(op, c, s, s)
+}
+
+/// [`export_operator`] for an `h` x `w` image: any size for the local operators (for super-
+/// resolution both sides divisible by the scale); the centred box of inpainting only square.
+pub fn export_operator_hw(
+    op: &davi_models::Operator,
+    c: usize,
+    h: usize,
+    w: usize,
+) -> Result<ModelProto, ExportError> {
+    op.validate(c, h.min(w))?;
+    if h != w {
+        if !op.is_local() {
+            return Err(ExportError::Options(format!(
+                "the {} operator takes square images ({w}x{h} given)",
+                op.task()
+            )));
+        }
+        op.validate(c, h.max(w))?;
+    }
     let weights = Weights::default();
     let rec = Recorder::new(&weights, false);
-    let out = op.forward(&rec, &Var("image".into()), c, s);
-    let [cy, hy, wy] = op.measurement_shape(c, s);
+    // Local operators do not depend on the size; inpainting is square here.
+    let out = op.forward(&rec, &Var("image".into()), c, h);
+    let [cy, _, _] = op.measurement_shape(c, h);
+    let ratio = |n: usize| (op.measurement_shape(c, n)[1]) as i64;
     let inputs = vec![(
         "image".to_string(),
-        vec![None, Some(c as i64), Some(s as i64), Some(s as i64)],
+        vec![None, Some(c as i64), Some(h as i64), Some(w as i64)],
     )];
-    let out_dims = vec![None, Some(cy as i64), Some(hy as i64), Some(wy as i64)];
+    let out_dims = vec![None, Some(cy as i64), Some(ratio(h)), Some(ratio(w))];
     assemble(
         rec,
         &weights,

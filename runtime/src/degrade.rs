@@ -41,7 +41,8 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
         }
     }
     let mut report = Report::default();
-    let mut sessions: HashMap<(usize, usize), (ort::session::Session, Operator)> = HashMap::new();
+    let mut sessions: HashMap<(usize, usize, usize), (ort::session::Session, Operator)> =
+        HashMap::new();
     // The same listing, naming and no-overwrite rules as `restore`.
     let plan_opts = RestoreOptions {
         input: opts.input.clone(),
@@ -88,22 +89,16 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
             }
         };
         let (_, h, w) = x.dim();
-        if h != w {
-            fail(
-                &mut report,
-                format!("image is {w}x{h}; the operators take square images"),
-            );
-            continue;
-        }
-        if let std::collections::hash_map::Entry::Vacant(e) = sessions.entry((c, h)) {
+        if let std::collections::hash_map::Entry::Vacant(e) = sessions.entry((c, h, w)) {
+            // --task scales the operator to the image (by its shorter side); -m takes the
+            // model's own.
             let op = match (&opts.operator, &opts.task) {
                 (Some(op), _) => op.clone(),
-                (None, Some(t)) => {
-                    Operator::for_task(t, h).map_err(|e| RuntimeError::Usage(e.to_string()))?
-                }
+                (None, Some(t)) => Operator::for_task(t, h.min(w))
+                    .map_err(|e| RuntimeError::Usage(e.to_string()))?,
                 (None, None) => return Err(RuntimeError::Usage("give --task or -m MODEL".into())),
             };
-            let proto = match davi_export::export_operator(&op, c, h) {
+            let proto = match davi_export::export_operator_hw(&op, c, h, w) {
                 Ok(p) => p,
                 Err(e) => {
                     fail(
@@ -117,7 +112,7 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
             let s = session(ModelSource::Bytes(&bytes, "operator"), sess)?;
             e.insert((s, op));
         }
-        let (s, op) = sessions.get_mut(&(c, h)).expect("inserted");
+        let (s, op) = sessions.get_mut(&(c, h, w)).expect("inserted");
         let sigma_y = opts.sigma_y.unwrap_or_else(|| op.default_sigma_y()) as f32;
         let input = x.insert_axis(Axis(0));
         let input: Array4<f32> = input.into_dimensionality().expect("rank 4");

@@ -160,3 +160,37 @@ fn a_real_photograph_shows_no_seams() {
         "mean |gradient| across tile edges {at_edges:.3}, inside tiles {elsewhere:.3}"
     );
 }
+
+#[test]
+fn degrade_restore_and_eval_work_at_any_size() {
+    use davi_tests::davi;
+    let tmp = tempfile::tempdir().unwrap();
+    let clean = tmp.path().join("clean");
+    std::fs::create_dir_all(&clean).unwrap();
+    grey(&clean.join("wide.png"), 56, 40, 7);
+    let model = random_model(&tmp.path().join("m"), "sr");
+    let (m, r) = (tmp.path().join("meas"), tmp.path().join("rest"));
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (code, _, err) = davi(&["degrade", "-m", &s(&model), "-i", &s(&clean), "-o", &s(&m)]);
+    assert_eq!(code, 0, "{err}");
+    let y = image::open(m.join("wide.png")).unwrap();
+    assert_eq!((y.width(), y.height()), (14, 10));
+    assert_eq!(restore(&model, &m, &r, &[]).0, 0);
+    let x = image::open(r.join("wide.png")).unwrap();
+    assert_eq!((x.width(), x.height()), (56, 40));
+    let (code, out, err) = davi(&["eval", "--restored", &s(&r), "--reference", &s(&clean)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("| 1 |"), "{out}");
+    // --task scales the operator to the shorter side; inpainting stays square-only.
+    let (code, _, err) = davi(&[
+        "degrade",
+        "--task",
+        "inpaint",
+        "-i",
+        &s(&clean),
+        "-o",
+        &s(&tmp.path().join("ip")),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("square"), "{err}");
+}
