@@ -453,6 +453,18 @@ pub fn bench(a: BenchArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, Runtime
             "| restore end to end ({} images) | {} | {:.1} | | |",
             r.restored, a.restore_batch, r.images_per_second
         );
+        // Against the bare session at the same batch: rows (tiles) per second.
+        let bare = crate::bench::session(&mut m, a.restore_batch, a.seconds)?;
+        let rows_per_s = r.rows as f64 / r.seconds.max(1e-9);
+        println!(
+            "| restore: {} session rows (tiles), {:.2} MP out | {} | {rows_per_s:.1} rows/s, {:.3} MP/s; bare session {:.1} rows/s ({:.1}% overhead) | | |",
+            r.rows,
+            r.megapixels,
+            a.restore_batch,
+            r.megapixels / r.seconds.max(1e-9),
+            bare.images_per_second,
+            100.0 * (1.0 - rows_per_s / bare.images_per_second)
+        );
         figures.insert("restore".into(), serde_json::to_value(&r)?);
     }
     if let Some(p) = &a.json {

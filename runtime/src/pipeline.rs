@@ -78,6 +78,10 @@ pub struct Report {
     pub images_per_second: f64,
     /// Seconds spent inside the session.
     pub session_seconds: f64,
+    /// Session rows run (tiles of every sample).
+    pub rows: usize,
+    /// Megapixels of restored output (per input, not per sample).
+    pub megapixels: f64,
 }
 
 /// One input: where it is, its path relative to the input (mirrored under the output), the base
@@ -596,7 +600,7 @@ pub fn restore(
     bar.inc((jobs.len() - todo.len()) as u64);
     let (dec_tx, dec_rx) = crossbeam_channel::bounded::<Chunk<Row>>(2);
     let (enc_tx, enc_rx) = crossbeam_channel::bounded::<Chunk<Restored>>(2);
-    let mut session_seconds = 0.0;
+    let (mut session_seconds, mut rows) = (0.0, 0usize);
     let (jobs_ref, todo_ref, bar_ref, info) = (&jobs, &todo, &bar, &model.info.clone());
     let outcome = std::thread::scope(|scope| -> Result<Writer, RuntimeError> {
         scope.spawn(move || decode_stage(jobs_ref, todo_ref, opts, info, rows_per_run, dec_tx));
@@ -607,7 +611,7 @@ pub fn restore(
             }
             w
         });
-        let run = session_stage(model, dec_rx, &enc_tx, &mut session_seconds);
+        let run = session_stage(model, dec_rx, &enc_tx, &mut session_seconds, &mut rows);
         drop(enc_tx);
         let w = writer.join().expect("the writer does not panic");
         run.map(|()| w)
@@ -627,6 +631,8 @@ pub fn restore(
     );
     report.seconds = start.elapsed().as_secs_f64();
     report.session_seconds = session_seconds;
+    report.rows = rows;
+    report.megapixels = outcome.pixels as f64 / 1e6;
     report.images_per_second = report.restored as f64 / report.seconds.max(1e-9);
     Ok(report)
 }
@@ -746,6 +752,7 @@ fn session_stage(
     rx: crossbeam_channel::Receiver<Chunk<Row>>,
     tx: &crossbeam_channel::Sender<Chunk<Restored>>,
     seconds: &mut f64,
+    rows_run: &mut usize,
 ) -> Result<(), RuntimeError> {
     let [cy, hy, wy] = model.info.measurement_shape();
     let [c, sz, _] = model.info.image_shape();
@@ -765,6 +772,7 @@ fn session_stage(
             let t = Instant::now();
             let out = model.restore(&meas, &z);
             *seconds += t.elapsed().as_secs_f64();
+            *rows_run += rows.len();
             match out {
                 Ok(out) => {
                     let out = out
@@ -816,6 +824,8 @@ struct Writer<'a> {
     stats: HashMap<usize, Stats>,
     failed: BTreeMap<usize, String>,
     restored: usize,
+    /// Output pixels of the inputs restored.
+    pixels: usize,
 }
 
 impl<'a> Writer<'a> {
@@ -828,6 +838,7 @@ impl<'a> Writer<'a> {
             stats: HashMap::new(),
             failed: BTreeMap::new(),
             restored: 0,
+            pixels: 0,
         }
     }
 
@@ -910,8 +921,9 @@ impl<'a> Writer<'a> {
             }
             match r {
                 Err(reason) => self.fail(jobs, i, reason, bar),
-                Ok(_) if k == 1 => {
+                Ok(img) if k == 1 => {
                     self.restored += 1;
+                    self.pixels += img.len() / img.dim().0;
                     bar.inc(1);
                 }
                 Ok(img) => {
@@ -935,14 +947,18 @@ impl<'a> Writer<'a> {
             .into_iter()
             .filter_map(|i| self.stats.remove(&i).map(|st| (i, st)))
             .collect();
-        let results: Vec<(usize, Result<(), String>)> = finished
+        let results: Vec<(usize, usize, Result<(), String>)> = finished
             .into_par_iter()
-            .map(|(i, st)| (i, write_statistics(&jobs[i], opts, st)))
+            .map(|(i, st)| {
+                let px = st.sum.len() / st.sum.dim().0;
+                (i, px, write_statistics(&jobs[i], opts, st))
+            })
             .collect();
-        for (i, r) in results {
+        for (i, px, r) in results {
             match r {
                 Ok(()) => {
                     self.restored += 1;
+                    self.pixels += px;
                     bar.inc(1);
                 }
                 Err(reason) => self.fail(jobs, i, reason, bar),
