@@ -45,7 +45,8 @@ pub fn restore(
 ///
 /// `x_prev = c0 x0_hat + ct x_t + sigma z - zeta grad_{x_t} || y - H x0_hat(x_t) ||`,
 ///
-/// with `x0_hat` the prior's estimate of `x0` from `x_t` (clipped to [-1, 1] in the mean),
+/// with `x0_hat` the prior's estimate of `x0` from `x_t`, clipped to [-1, 1] (before the
+/// gradient, as the official code),
 /// `(c0, ct, sigma^2)` the posterior between the two steps ([`Diffusion::posterior_to`]) and
 /// the norm taken per image.
 #[allow(clippy::too_many_arguments)]
@@ -63,14 +64,16 @@ pub fn step(
     let (c, s) = (unet.config.in_channels, unet.config.image_size);
     let x_in = x_t.detach().set_requires_grad(true);
     let tv = vec![t; x_t.size()[0] as usize];
-    let x0 = x0_from_eps(d, &x_in, &tv, &eps(unet, b, &x_in, &tv)?);
+    // x0_hat clipped to [-1, 1] before the residual, as the official code does
+    // (`clip_denoised`): the gradient flows through the clip.
+    let x0 = x0_from_eps(d, &x_in, &tv, &eps(unet, b, &x_in, &tv)?).clamp(-1.0, 1.0);
     // Per-image residual norm; its gradient w.r.t. x_t is the DPS correction.
     let r = (y - op.forward(b, &x0, c, s))
         .square()
         .sum_dim_intlist([1i64, 2, 3].as_slice(), false, Kind::Float)
         .sqrt();
     let grad = Tensor::run_backward(&[r.sum(Kind::Float)], &[&x_in], false, false).remove(0);
-    let x0 = x0.detach().clamp(-1.0, 1.0);
+    let x0 = x0.detach();
     let post = d.posterior_to(t, prev);
     let mut next = &x0 * post.c0 + x_in.detach() * post.ct;
     if prev.is_some() {
