@@ -3,7 +3,7 @@ SHELL := /bin/bash
 # libtorch's OpenMP threads spin while waiting by default; passive waiting keeps parallel jobs fair.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: all setup setup-runtime build build-runtime test parity demo bench zoo fmt lint clean test-venv
+.PHONY: all setup setup-runtime build build-runtime test parity demo bench zoo paper-scale fmt lint clean test-venv
 
 all: build
 
@@ -45,6 +45,10 @@ demo:
 ## Speed and memory figures (BENCHMARKS.md); run on an idle machine.
 bench: build
 	scripts/bench.sh
+
+## The whole chain at 256 px on the CPU with random weights (minutes; not part of `make test`).
+paper-scale: build
+	scripts/paper-scale.sh
 
 ## Retrain every shipped model from its committed config, then export and evaluate.
 zoo: build

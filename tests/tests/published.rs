@@ -21,3 +21,24 @@ fn imagenet_256_uncond_is_guided_diffusions_checkpoint() {
     // guided-diffusion's 256x256_diffusion_uncond.pt: 552,814,086 parameters, 566 entries.
     assert_eq!(count("imagenet256-uncond.json"), (552_814_086, 566));
 }
+
+#[test]
+fn the_paper_task_configs_use_the_published_ffhq_unet() {
+    let ffhq = UNetConfig::from_file(&root().join("models/configs/adm/ffhq256.json")).unwrap();
+    let mut tasks = Vec::new();
+    for e in std::fs::read_dir(root().join("models/configs/paper")).unwrap() {
+        let p = e.unwrap().path();
+        let cfg = davi_models::DaviConfig::from_file(&p).unwrap();
+        assert_eq!(cfg.unet.image_size, 256, "{}", p.display());
+        let n = UNetModel::new(&cfg.unet).unwrap().num_params();
+        assert_eq!(
+            n,
+            UNetModel::new(&ffhq).unwrap().num_params(),
+            "{}",
+            p.display()
+        );
+        tasks.push(cfg.task().unwrap().operator.task());
+    }
+    tasks.sort();
+    assert_eq!(tasks, ["colorize", "deblur", "denoise", "inpaint", "sr"]);
+}

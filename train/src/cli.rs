@@ -232,6 +232,20 @@ pub struct ImagesArgs {
     pub output: PathBuf,
 }
 
+/// Random weights of a UNet config, as a `torch.save` checkpoint (`.pt`) or safetensors.
+#[derive(clap::Args, Debug)]
+pub struct InitArgs {
+    /// UNet config (guided-diffusion keys) or a model config with `unet:`.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Output `.pt` (written as `torch.save` does) or `.safetensors`.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+}
+
 /// Sample from a prior: ancestral DDPM or DDIM.
 #[derive(clap::Args, Debug)]
 pub struct SampleArgs {
@@ -444,6 +458,49 @@ pub fn images(a: ImagesArgs) -> Result<ExitCode> {
     let ds = crate::data::open_config(&cfg, &a.config, a.split, true)?;
     let n = crate::data::write_images(&ds, a.n, &a.output)?;
     eprintln!("wrote {n} images to {}", a.output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `davi-train init`: guided-diffusion's initialisation, with the tensors it zeroes (output
+/// convolutions) filled with small random values instead, so that every parameter matters.
+pub fn init(a: InitArgs) -> Result<ExitCode> {
+    use rand::{Rng, SeedableRng};
+    let ucfg = match DaviConfig::from_file(&a.config) {
+        Ok(c) => c.unet,
+        Err(_) => UNetConfig::from_file(&a.config)?,
+    };
+    let unet = UNetModel::new(&ucfg)?;
+    let params = crate::params::ParamSet::init(&unet, a.seed, Device::Cpu);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed as u64);
+    let mut tensors = std::collections::BTreeMap::new();
+    for (name, shape) in unet.param_shapes() {
+        let mut v: Vec<f32> = backend::array_from_tensor(&params.tensors[name])
+            .iter()
+            .copied()
+            .collect();
+        if v.iter().all(|&x| x == 0.0) {
+            v.iter_mut()
+                .for_each(|x| *x = (rng.random::<f32>() - 0.5) * 0.02);
+        }
+        let data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let raw = crate::pt::RawTensor {
+            dtype: safetensors::Dtype::F32,
+            shape: shape.clone(),
+            data,
+        };
+        tensors.insert(name.clone(), raw);
+    }
+    if a.output.extension().is_some_and(|e| e == "pt") {
+        crate::pt::write_pt(&tensors, &a.output)?;
+    } else {
+        crate::pt::write_safetensors(&tensors, &a.output)?;
+    }
+    eprintln!(
+        "wrote {} tensors ({} parameters) to {}",
+        tensors.len(),
+        unet.num_params(),
+        a.output.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

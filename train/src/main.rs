@@ -39,6 +39,8 @@ enum Cmd {
     Import(cli::ImportArgs),
     /// Write images of a config's data set as PNG files (e.g. held-out test images).
     Images(cli::ImagesArgs),
+    /// Random weights of a UNet config, as a `torch.save` checkpoint or safetensors.
+    Init(cli::InitArgs),
     /// Sample from a prior: ancestral DDPM or DDIM.
     Sample(cli::SampleArgs),
 }
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
         Cmd::Describe(a) => cli::describe(a),
         Cmd::Import(a) => cli::import(a),
         Cmd::Images(a) => cli::images(a),
+        Cmd::Init(a) => cli::init(a),
         Cmd::Sample(a) => cli::sample(a),
     };
     result.unwrap_or_else(|e| {

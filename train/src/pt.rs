@@ -634,6 +634,84 @@ pub fn import(input: &Path, output: &Path, config: Option<&Path>, half: bool) ->
     Ok(tensors.len())
 }
 
+/// Writes f32 tensors as PyTorch's `torch.save` does (zip archive: `archive/data.pkl`, one
+/// storage per tensor under `archive/data/`, `archive/version`): an `OrderedDict` state dict,
+/// pickle protocol 2. What published checkpoints look like, for tests and `davi-train init`.
+pub fn write_pt(tensors: &BTreeMap<String, RawTensor>, path: &Path) -> Result<()> {
+    use std::io::Write;
+    fn unicode(p: &mut Vec<u8>, s: &str) {
+        p.push(b'X');
+        p.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        p.extend_from_slice(s.as_bytes());
+    }
+    fn int(p: &mut Vec<u8>, v: usize) -> Result<()> {
+        p.push(b'J');
+        p.extend_from_slice(
+            &i32::try_from(v)
+                .context("a dimension above 2^31")?
+                .to_le_bytes(),
+        );
+        Ok(())
+    }
+    fn ints(p: &mut Vec<u8>, v: &[usize]) -> Result<()> {
+        p.push(b'(');
+        for &x in v {
+            int(p, x)?;
+        }
+        p.push(b't');
+        Ok(())
+    }
+    let mut p = vec![0x80, 2];
+    p.extend_from_slice(b"ccollections\nOrderedDict\n)R");
+    for (key, (name, t)) in tensors.iter().enumerate() {
+        if t.dtype != Dtype::F32 {
+            bail!("'{name}': only f32 tensors are written");
+        }
+        unicode(&mut p, name);
+        p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        p.push(b'(');
+        unicode(&mut p, "storage");
+        p.extend_from_slice(b"ctorch\nFloatStorage\n");
+        unicode(&mut p, &key.to_string());
+        unicode(&mut p, "cpu");
+        int(&mut p, t.data.len() / 4)?;
+        p.extend_from_slice(b"tQ");
+        int(&mut p, 0)?;
+        ints(&mut p, &t.shape)?;
+        let mut stride = vec![1usize; t.shape.len()];
+        for d in (0..t.shape.len().saturating_sub(1)).rev() {
+            stride[d] = stride[d + 1] * t.shape[d + 1];
+        }
+        ints(&mut p, &stride)?;
+        p.push(0x89); // requires_grad False
+        p.extend_from_slice(b"ccollections\nOrderedDict\n)R");
+        p.extend_from_slice(b"tRs");
+    }
+    p.push(b'.');
+    let tmp = path.with_extension("pt.tmp");
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let mut z = zip::ZipWriter::new(std::io::BufWriter::new(file));
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(true);
+    z.start_file("archive/data.pkl", opts)?;
+    z.write_all(&p)?;
+    for (key, t) in tensors.values().enumerate() {
+        z.start_file(format!("archive/data/{key}"), opts)?;
+        z.write_all(&t.data)?;
+    }
+    z.start_file("archive/version", opts)?;
+    z.write_all(b"3\n")?;
+    z.finish()?
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -663,6 +741,37 @@ mod tests {
         ] {
             let e = format!("{:#}", t.materialize(&storage).unwrap_err());
             assert!(e.contains(says), "{e}");
+        }
+    }
+
+    #[test]
+    fn written_checkpoints_read_back_equal() {
+        let mut t = BTreeMap::new();
+        for (i, shape) in [vec![3, 2, 1, 1], vec![5], vec![2, 7]]
+            .into_iter()
+            .enumerate()
+        {
+            let n: usize = shape.iter().product();
+            let data = (0..n)
+                .flat_map(|j| ((i * 100 + j) as f32 * 0.5 - 3.0).to_le_bytes())
+                .collect();
+            t.insert(
+                format!("block.{i}.weight"),
+                RawTensor {
+                    dtype: Dtype::F32,
+                    shape,
+                    data,
+                },
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.pt");
+        write_pt(&t, &p).unwrap();
+        let back = read_pt(&p).unwrap();
+        assert_eq!(back.len(), 3);
+        for (k, v) in &t {
+            assert_eq!(back[k].shape, v.shape, "{k}");
+            assert_eq!(back[k].data, v.data, "{k}");
         }
     }
 
