@@ -400,16 +400,14 @@ pub fn export_operator_hw(
     h: usize,
     w: usize,
 ) -> Result<ModelProto, ExportError> {
-    op.validate(c, h.min(w))?;
-    if h != w {
-        if !op.is_local() {
-            return Err(ExportError::Options(format!(
-                "the {} operator takes square images ({w}x{h} given)",
-                op.task()
-            )));
-        }
-        op.validate(c, h.max(w))?;
+    if h != w && !op.is_local() {
+        return Err(ExportError::Options(format!(
+            "the {} operator takes square images ({w}x{h} given)",
+            op.task()
+        )));
     }
+    op.validate(c, h.min(w))?;
+    op.validate(c, h.max(w))?;
     let weights = Weights::default();
     let rec = Recorder::new(&weights, false);
     // Local operators do not depend on the size; inpainting is square here.

@@ -58,11 +58,16 @@ pub fn restore(
     model: &mut Model,
     input: &Path,
     batch: usize,
+    overlap: f64,
 ) -> Result<pipeline::Report, RuntimeError> {
-    let out = std::env::temp_dir().join(format!("davi-bench-{}", std::process::id()));
+    // Removed when it goes out of scope, on errors and panics too.
+    let out = tempfile::Builder::new()
+        .prefix("davi-bench-")
+        .tempdir()
+        .map_err(|e| RuntimeError::io(&std::env::temp_dir(), e))?;
     let opts = RestoreOptions {
         input: input.to_path_buf(),
-        output: out.clone(),
+        output: out.path().to_path_buf(),
         format: crate::images::Format::Png,
         batch,
         seed: 0,
@@ -72,9 +77,7 @@ pub fn restore(
         follow_symlinks: false,
         progress: false,
         max_pixels: crate::images::DEFAULT_MAX_PIXELS,
-        overlap: crate::pipeline::DEFAULT_OVERLAP,
+        overlap,
     };
-    let r = pipeline::restore(model, &opts, None);
-    let _ = std::fs::remove_dir_all(&out);
-    r
+    pipeline::restore(model, &opts, None)
 }

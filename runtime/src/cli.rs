@@ -222,6 +222,9 @@ pub struct BenchArgs {
     /// Batch of the end-to-end restore.
     #[arg(long, default_value_t = 32)]
     pub restore_batch: usize,
+    /// Tile overlap of the end-to-end restore (images larger than the model).
+    #[arg(long, default_value_t = pipeline::DEFAULT_OVERLAP)]
+    pub overlap: f64,
     /// Write the figures as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -448,7 +451,7 @@ pub fn bench(a: BenchArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, Runtime
     }
     figures.insert("session".into(), serde_json::to_value(&rows)?);
     if let Some(dir) = &a.input {
-        let r = crate::bench::restore(&mut m, dir, a.restore_batch)?;
+        let r = crate::bench::restore(&mut m, dir, a.restore_batch, a.overlap)?;
         println!(
             "| restore end to end ({} images) | {} | {:.1} | | |",
             r.restored, a.restore_batch, r.images_per_second

@@ -101,9 +101,19 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
             let proto = match davi_export::export_operator_hw(&op, c, h, w) {
                 Ok(p) => p,
                 Err(e) => {
+                    // The operator's own words, about this image (there is no model here).
+                    let why = match &e {
+                        davi_export::ExportError::Model(davi_models::Error::Config(m)) => {
+                            m.replace("a colour model", "a colour (RGB) image")
+                        }
+                        other => other.to_string(),
+                    };
                     fail(
                         &mut report,
-                        format!("operator does not fit this image: {e}"),
+                        format!(
+                            "the {} operator does not fit this {w}x{h} image: {why}",
+                            op.task()
+                        ),
                     );
                     continue;
                 }

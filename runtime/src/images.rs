@@ -26,6 +26,15 @@ pub enum Format {
 }
 
 impl Format {
+    /// The largest side the format holds, where it has a limit (WebP 16383, JPEG 65535).
+    pub fn max_side(self) -> Option<usize> {
+        match self {
+            Format::Png => None,
+            Format::Jpg => Some(65_535),
+            Format::Webp => Some(16_383),
+        }
+    }
+
     /// The file extension.
     pub fn ext(self) -> &'static str {
         match self {

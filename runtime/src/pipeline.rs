@@ -562,7 +562,7 @@ pub fn restore(
     }
     if !(0.0..0.9).contains(&opts.overlap) {
         return Err(RuntimeError::Usage(format!(
-            "--overlap {}: a fraction of the tile from 0 to 0.9",
+            "--overlap {}: a fraction of the tile, at least 0 and below 0.9",
             opts.overlap
         )));
     }
@@ -652,12 +652,27 @@ fn progress_bar(show: bool, n: usize) -> indicatif::ProgressBar {
 
 /// The tile grid of a decoded measurement `[c, H, W]` for `info`'s model, or why it cannot be
 /// restored: smaller than the model, or larger with an operator that is not local.
-fn grid_of(m: &Array3<f32>, info: &crate::ModelInfo, overlap: f64) -> Result<Grid, String> {
+fn grid_of(
+    m: &Array3<f32>,
+    info: &crate::ModelInfo,
+    overlap: f64,
+    format: Format,
+) -> Result<Grid, String> {
     let [_, hy, wy] = info.measurement_shape();
     let (_, h, w) = m.dim();
     let scale = info.image_size / hy.max(1);
     let px = ((hy.min(wy) as f64 * overlap).round() as usize).min(hy.min(wy) - 1);
     let grid = Grid::new((h, w), (hy, wy), px, scale).map_err(|e| format!("wrong size: {e}"))?;
+    // Formats that cannot hold the output are refused before any tile runs.
+    let (oh, ow) = (grid.size.0 * grid.scale, grid.size.1 * grid.scale);
+    if let Some(most) = format.max_side() {
+        if oh.max(ow) > most {
+            return Err(format!(
+                "the output would be {ow}x{oh}; {} holds at most {most} px a side (use -f png)",
+                format.ext()
+            ));
+        }
+    }
     if !grid.is_single() && !info.operator.is_local() {
         return Err(format!(
             "wrong size: the model takes exactly {wy}x{hy} images, this one is {w}x{h}; its {} operator is not local (a box at the centre of the image), so it cannot be restored in tiles",
@@ -716,7 +731,7 @@ fn decode_stage(
             .map(|&i| {
                 let path = &jobs[i].path;
                 let r = images::load_limited(path, cy, None, opts.max_pixels).and_then(|m| {
-                    let g = grid_of(&m, info, opts.overlap)?;
+                    let g = grid_of(&m, info, opts.overlap, opts.format)?;
                     Ok((m, g))
                 });
                 (i, r)

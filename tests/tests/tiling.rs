@@ -108,6 +108,16 @@ fn what_cannot_be_tiled_is_refused_with_the_reason() {
         err.contains("tiny.png") && err.contains("smaller than"),
         "{err}"
     );
+    // An output that the format cannot hold is refused before any tile runs.
+    let wide = tmp.path().join("wide");
+    std::fs::create_dir_all(&wide).unwrap();
+    grey(&wide.join("w.png"), 17000, 32, 8);
+    let denoise = random_model(&tmp.path().join("d"), "denoise");
+    let t = std::time::Instant::now();
+    let (code, _, err) = restore(&denoise, &wide, &tmp.path().join("ow"), &["-f", "webp"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("at most 16383"), "{err}");
+    assert!(t.elapsed().as_secs() < 20, "it ran the tiles first");
 }
 
 /// Mean |I[x] - I[x-1]| over the columns in `cols` (all rows, all channels).
