@@ -20,7 +20,14 @@ def rows(path):
     for method in ("lifted", "davi", "dps"):
         block = re.search(rf"^  {method}:\n((?:    .*\n?)*)", ev, re.M).group(1)
         vals = dict(re.findall(r"^    (\w+): (.+)$", block, re.M))
+        vals.setdefault("n", n if method != "dps" else "")
         out[method] = vals
+    # Every method on the same images, when the card has it (`eval.paired`).
+    p = re.search(r"^  paired:\n((?:    .*\n?)*)", ev, re.M)
+    if p:
+        for method in ("lifted", "davi", "dps"):
+            block = re.search(rf"^    {method}:\n((?:      .*\n?)*)", p.group(1), re.M).group(1)
+            out["paired " + method] = dict(re.findall(r"^      (\w+): (.+)$", block, re.M))
     return name, n, out
 
 
@@ -32,17 +39,25 @@ def fmt(v, spec):
     return "n/a" if x != x else format(x, spec)
 
 
+def pm(v, key, spec):
+    """The mean, with its 95% interval where the card has one."""
+    ci = v.get(key + "_ci95")
+    return fmt(v[key], spec) + (f" ± {fmt(ci, spec)}" if ci else "")
+
+
 def main():
-    print("| model | method | PSNR (dB) | SSIM | network evaluations | seconds / image (2 CPU cores) |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | method | images | PSNR (dB) | SSIM | network evaluations | seconds / image (2 CPU cores) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for card in sorted(glob.glob("models/zoo/*/card.yaml")):
         r = rows(card)
         if r is None:
             continue
         name, n, ev = r
-        for method, label in (("lifted", "lifted measurement"), ("davi", "**DAVI**"), ("dps", "DPS")):
+        labels = [("lifted", "lifted measurement"), ("davi", "**DAVI**"), ("dps", "DPS")]
+        labels += [("paired " + m, "paired: " + l) for m, l in labels if "paired " + m in ev]
+        for method, label in labels:
             v = ev[method]
-            print(f"| {name} | {label} | {fmt(v['psnr'], '.2f')} | {fmt(v['ssim'], '.4f')} | {v['nfe']} | {fmt(v['seconds_per_image'], '.4f')} |")
+            print(f"| {name} | {label} | {v.get('n', '')} | {pm(v, 'psnr', '.2f')} | {pm(v, 'ssim', '.4f')} | {v['nfe']} | {fmt(v['seconds_per_image'], '.4f')} |")
     return 0
 
 

@@ -179,10 +179,19 @@ impl DaviConfig {
 /// One method's row of an evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalRow {
+    /// Images scored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<usize>,
     /// Mean PSNR in dB on [0, 1].
     pub psnr: f64,
+    /// Half-width of its 95% interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psnr_ci95: Option<f64>,
     /// Mean SSIM on [0, 1].
     pub ssim: f64,
+    /// Half-width of its 95% interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssim_ci95: Option<f64>,
     /// Network evaluations per image.
     pub nfe: usize,
     /// Wall time per image.
@@ -199,6 +208,22 @@ pub struct EvalTable {
     /// DPS with the same prior.
     pub dps: EvalRow,
     /// The lifted measurement itself.
+    pub lifted: EvalRow,
+    /// Every method on the same images (those DPS ran on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paired: Option<PairedTable>,
+}
+
+/// `eval.paired:` of a model card: every method scored on the same images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairedTable {
+    /// The images, the first `n` of the test split.
+    pub n: usize,
+    /// DAVI.
+    pub davi: EvalRow,
+    /// DPS.
+    pub dps: EvalRow,
+    /// The lifted measurement.
     pub lifted: EvalRow,
 }
 

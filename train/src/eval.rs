@@ -9,7 +9,7 @@ use crate::davi::measure;
 use crate::dps::{self, Dps};
 use crate::{checkpoint, plot, run::write_atomic};
 use anyhow::{Context, Result};
-use davi_models::card::{DataConfig, EvalRow, EvalTable, ModelCard};
+use davi_models::card::{DataConfig, EvalRow, EvalTable, ModelCard, PairedTable};
 use davi_models::metrics::{mean_ci95, psnr, ssim};
 use davi_models::schedule::Diffusion;
 use davi_models::{DaviConfig, Implicit};
@@ -111,8 +111,21 @@ pub struct Report {
     pub dps: MethodScores,
     /// Posterior samples of DAVI.
     pub samples: Option<SampleSpread>,
+    /// Every method on the images DPS ran on (absent without DPS).
+    pub paired: Option<Paired>,
     /// Device.
     pub device: String,
+}
+
+/// Scores of every method on the same images.
+#[derive(Debug, Clone, Serialize)]
+pub struct Paired {
+    /// DAVI.
+    pub davi: MethodScores,
+    /// The lifted measurement.
+    pub lifted: MethodScores,
+    /// DPS.
+    pub dps: MethodScores,
 }
 
 fn scores(pred: &Array4<f32>, truth: &Array4<f32>, nfe: usize, secs: f64) -> MethodScores {
@@ -340,6 +353,17 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
     } else {
         (MethodScores::not_run(), None)
     };
+    // DAVI and the lifted measurement on exactly the images DPS ran on.
+    let paired = dps_imgs.as_ref().map(|_| {
+        let first = |t: &Tensor| arr4(&t.narrow(0, 0, dps_n as i64));
+        let truth = first(&run.x);
+        let per_image = run.seconds / n.max(1) as f64;
+        Paired {
+            davi: scores(&first(&run.restored), &truth, 1, per_image * dps_n as f64),
+            lifted: scores(&first(&run.lifted), &truth, 0, 0.0),
+            dps: dps_scores.clone(),
+        }
+    });
     let samples = (args.samples > 1)
         .then(|| sample_spread(&implicit, &bphi, &run, args.samples))
         .transpose()?;
@@ -350,6 +374,7 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
         lifted,
         dps: dps_scores,
         samples,
+        paired,
         device: format!("{:?}", args.device),
     };
     std::fs::create_dir_all(&args.out)
@@ -384,6 +409,15 @@ pub fn markdown(r: &Report) -> String {
     if r.dps.n > 0 {
         s += &row(&format!("DPS ({} steps)", r.dps.nfe), &r.dps);
     }
+    if let Some(p) = &r.paired {
+        s += &format!(
+            "\nPaired, on the {} images DPS ran on:\n\n| method | images | PSNR (dB) | SSIM | network evaluations | seconds / image |\n|---|---:|---:|---:|---:|---:|\n",
+            p.dps.n
+        );
+        s += &row("lifted measurement", &p.lifted);
+        s += &row("DAVI", &p.davi);
+        s += &row(&format!("DPS ({} steps)", p.dps.nfe), &p.dps);
+    }
     if let Some(k) = &r.samples {
         s += &format!(
             "\n{} DAVI samples of each of {} measurements: per-pixel spread {:.4} (std on [0, 1]); \
@@ -396,8 +430,11 @@ pub fn markdown(r: &Report) -> String {
 
 fn update_card(path: &Path, checkpoint: &Path, cfg: &DaviConfig, r: &Report) -> Result<()> {
     let row = |m: &MethodScores| EvalRow {
+        n: Some(m.n),
         psnr: m.psnr,
+        psnr_ci95: Some(m.psnr_ci95),
         ssim: m.ssim,
+        ssim_ci95: Some(m.ssim_ci95),
         nfe: m.nfe,
         seconds_per_image: m.seconds_per_image,
     };
@@ -436,6 +473,12 @@ fn update_card(path: &Path, checkpoint: &Path, cfg: &DaviConfig, r: &Report) -> 
         davi: row(&r.davi),
         dps: row(&r.dps),
         lifted: row(&r.lifted),
+        paired: r.paired.as_ref().map(|p| PairedTable {
+            n: p.dps.n,
+            davi: row(&p.davi),
+            dps: row(&p.dps),
+            lifted: row(&p.lifted),
+        }),
     });
     write_atomic(path, serde_yaml::to_string(&card)?.as_bytes())
 }

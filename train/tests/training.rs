@@ -602,3 +602,39 @@ fn davi_steps_with_the_patchgan_term_train_the_discriminator_and_checkpoint_it()
         assert_eq!(max_diff(v, &b.tensors[k]), 0.0, "{k}");
     }
 }
+
+#[test]
+fn eval_scores_every_method_on_the_same_images_and_writes_them_to_the_card() {
+    let _serial = serial();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tmp = tempfile::tempdir().unwrap();
+    let card = tmp.path().join("card.yaml");
+    std::fs::copy(root.join("models/zoo/fmnist32-sr4/card.yaml"), &card).unwrap();
+    let args = davi_train::eval::EvalArgs {
+        checkpoint: root.join("models/zoo/fmnist32-sr4/model.onnx"),
+        config: root.join("models/configs/fmnist32-sr4.yaml"),
+        n: 8,
+        dps_steps: 4,
+        dps_n: 3,
+        dps_zeta: 1.0,
+        out: tmp.path().join("eval"),
+        card: Some(card.clone()),
+        teacher: Some(root.join("models/zoo/fmnist32-prior/ema.safetensors")),
+        device: Device::Cpu,
+        batch: 4,
+        samples: 0,
+    };
+    let r = davi_train::eval::eval(&args).unwrap();
+    assert_eq!((r.davi.n, r.lifted.n, r.dps.n), (8, 8, 3));
+    let p = r.paired.expect("paired scores with DPS");
+    assert_eq!((p.davi.n, p.lifted.n, p.dps.n), (3, 3, 3));
+    assert_eq!(p.dps.psnr, r.dps.psnr);
+    assert!(p.davi.psnr_ci95.is_finite() && p.davi.psnr_ci95 > 0.0);
+    let c: davi_models::card::ModelCard =
+        serde_yaml::from_str(&std::fs::read_to_string(&card).unwrap()).unwrap();
+    let e = c.eval.unwrap();
+    let paired = e.paired.unwrap();
+    assert_eq!(paired.n, 3);
+    assert_eq!(paired.davi.n, Some(3));
+    assert_eq!(e.davi.psnr_ci95, Some(r.davi.psnr_ci95));
+}
