@@ -91,6 +91,10 @@ pub struct DaviTrain {
     pub bridge: bool,
     /// The PatchGAN hinge term with VQGAN's adaptive weight (absent: off, the default).
     pub gan: Option<crate::gan::GanConfig>,
+    /// The supervised control: the same `I_phi`, initialised alike, trained on the same pairs
+    /// with plain MSE to the truth alone (no IKL, no `s_psi`, no data consistency term): what
+    /// the diffusion prior adds beyond DAVI's ground-truth term.
+    pub supervised: bool,
 }
 
 impl Default for DaviTrain {
@@ -112,6 +116,7 @@ impl Default for DaviTrain {
             skip_bad_files: true,
             bridge: true,
             gan: None,
+            supervised: false,
         }
     }
 }

@@ -165,6 +165,9 @@ impl Trainer {
             (0..n).map(|_| rng.random_range(0..hp.t_ikl)).collect()
         };
 
+        if hp.supervised {
+            return self.supervised_step(x0, &y, &y_lift, step, &mut rng, &draw_a);
+        }
         // 1. s_psi: DSM on fresh, gradient-free samples of I_phi.
         let a = draw_a(&mut rng);
         let x_hat = tch::no_grad(|| -> Result<Tensor> {
@@ -245,6 +248,48 @@ impl Trainer {
             gan_g,
             gan_d,
             gan_w,
+        })
+    }
+
+    /// The supervised control's step: `L = mean((x0 - x_hat)^2)` on a bridge sample, nothing
+    /// else (the data consistency is logged, not trained on).
+    fn supervised_step(
+        &mut self,
+        x0: &Tensor,
+        y: &Tensor,
+        y_lift: &Tensor,
+        step: usize,
+        rng: &mut rand_chacha::ChaCha8Rng,
+        draw_a: &dyn Fn(&mut rand_chacha::ChaCha8Rng) -> Vec<usize>,
+    ) -> Result<Terms> {
+        let (c, s) = (self.implicit.channels, self.implicit.size);
+        let a = draw_a(rng);
+        let mut bphi = TchBackend::new(self.phi.handles(), self.device);
+        bphi.train = true;
+        let x_a = self
+            .implicit
+            .bridge_sample(&bphi, x0, y_lift, &Tensor::randn_like(x0), &a);
+        let x_hat = self.implicit.output_map(&bphi, &x_a, &a)?;
+        let mse = (x0 - &x_hat).square().mean(Kind::Float);
+        let total = finite("supervised loss", mse.double_value(&[]), step)?;
+        self.phi.zero_grad();
+        mse.backward();
+        self.phi.clip_grad_norm(self.hp.grad_clip);
+        self.opt_phi.step(&mut self.phi);
+        self.ema.update(&self.phi, step + 1);
+        let cb = self.const_backend();
+        let con = tch::no_grad(|| {
+            losses::data_consistency(&self.implicit.operator, &cb, &x_hat, y, c, s)
+        });
+        Ok(Terms {
+            ikl: 0.0,
+            con: con.double_value(&[]),
+            reg: total,
+            total,
+            dsm: 0.0,
+            gan_g: 0.0,
+            gan_d: 0.0,
+            gan_w: 0.0,
         })
     }
 

@@ -638,3 +638,40 @@ fn eval_scores_every_method_on_the_same_images_and_writes_them_to_the_card() {
     assert_eq!(paired.davi.n, Some(3));
     assert_eq!(e.davi.psnr_ci95, Some(r.davi.psnr_ci95));
 }
+
+#[test]
+fn the_supervised_control_trains_on_the_truth_alone() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = davi_cfg(tmp.path(), "{task: sr, scale: 4}");
+    let hp = davi_train::config::DaviTrain {
+        batch_size: 8,
+        lr: 1e-3,
+        supervised: true,
+        ..Default::default()
+    };
+    let mut tr = trainer(&cfg, hp);
+    let psi_before = tr.aux_score.frozen();
+    tch::manual_seed(6);
+    let x0 = binary_images(8);
+    let cb = TchBackend::new(Default::default(), Device::Cpu);
+    let y = davi_train::davi::measure(&tr.implicit.operator, &cb, &x0, 1, 16, 0.05);
+    let z = Tensor::randn_like(&x0);
+    let mse = |tr: &davi_train::davi::Trainer| {
+        let b = TchBackend::new(tr.phi.frozen(), Device::Cpu);
+        let out = tch::no_grad(|| tr.implicit.restore(&b, &y, &z)).unwrap();
+        (&out - &x0).square().mean(Kind::Float).double_value(&[])
+    };
+    let before = mse(&tr);
+    for step in 0..20 {
+        let t = tr.step(&x0, step).unwrap();
+        assert_eq!((t.ikl, t.dsm), (0.0, 0.0));
+        assert_eq!(t.total, t.reg);
+    }
+    let after = mse(&tr);
+    assert!(after < before, "MSE to the truth {before} -> {after}");
+    // s_psi is never trained.
+    for (k, v) in tr.aux_score.frozen() {
+        assert_eq!(max_diff(&v, &psi_before[&k]), 0.0, "{k}");
+    }
+}
