@@ -209,6 +209,9 @@ pub struct EvalTable {
     pub dps: EvalRow,
     /// The lifted measurement itself.
     pub lifted: EvalRow,
+    /// DPS's step size in this evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dps_zeta: Option<f64>,
     /// Every method on the same images (those DPS ran on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paired: Option<PairedTable>,
@@ -246,4 +249,22 @@ pub struct ModelCard {
     /// Evaluation, when run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalTable>,
+    /// DPS's step size, tuned on a validation split (`davi-train tune-dps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dps_tuning: Option<DpsTuning>,
+}
+
+/// `dps_tuning:` of a model card: the sweep of DPS's step size on validation images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DpsTuning {
+    /// Which images: never the test split.
+    pub split: String,
+    /// How many.
+    pub n: usize,
+    /// DPS steps of each run.
+    pub steps: usize,
+    /// `(zeta, mean PSNR, mean SSIM)` of each zeta tried, in the order tried.
+    pub sweep: Vec<(f64, f64, f64)>,
+    /// The chosen zeta: the best mean PSNR.
+    pub zeta: f64,
 }

@@ -116,9 +116,9 @@ pub struct EvalArgs {
     /// Test images for DPS (the first of the n; DPS costs dps-steps evaluations each).
     #[arg(long, default_value_t = 16)]
     pub dps_n: usize,
-    /// DPS step size (zeta).
-    #[arg(long, default_value_t = 1.0)]
-    pub dps_zeta: f64,
+    /// DPS step size (zeta); default: the card's tuned one (`davi-train tune-dps`), else 1.
+    #[arg(long)]
+    pub dps_zeta: Option<f64>,
     /// Output folder for eval.json, eval.md and sheet.png.
     #[arg(short, long)]
     pub output: PathBuf,
@@ -368,7 +368,10 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
         n: a.n,
         dps_steps: a.dps_steps,
         dps_n: a.dps_n,
-        dps_zeta: a.dps_zeta,
+        dps_zeta: match a.dps_zeta {
+            Some(z) => z,
+            None => tuned_zeta(a.card.as_deref())?.unwrap_or(1.0),
+        },
         out: a.output.clone(),
         card: a.card,
         teacher: a.teacher,
@@ -379,6 +382,68 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
     let r = crate::eval::eval(&args)?;
     print!("{}", crate::eval::markdown(&r));
     eprintln!("wrote {}/eval.json, eval.md, sheet.png", a.output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The zeta a card's `dps_tuning` chose, if it has one.
+fn tuned_zeta(card: Option<&std::path::Path>) -> Result<Option<f64>> {
+    let Some(p) = card.filter(|p| p.is_file()) else {
+        return Ok(None);
+    };
+    let c: davi_models::card::ModelCard = serde_yaml::from_str(&std::fs::read_to_string(p)?)
+        .with_context(|| format!("{}: bad card", p.display()))?;
+    Ok(c.dps_tuning.map(|t| t.zeta))
+}
+
+/// Sweep DPS's step size on validation images (never the test split).
+#[derive(clap::Args, Debug)]
+pub struct TuneDpsArgs {
+    /// Model config (its operator, sigma_y, data and teacher).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// DPS's prior (default: the config's train.davi.teacher).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// The zetas to try.
+    #[arg(long, value_delimiter = ',', default_value = "0.03,0.1,0.3,1,3")]
+    pub zeta: Vec<f64>,
+    /// Do not refine around the best of the grid.
+    #[arg(long)]
+    pub no_refine: bool,
+    /// Validation images.
+    #[arg(short, default_value_t = 16)]
+    pub n: usize,
+    /// DPS steps.
+    #[arg(long, default_value_t = 1000)]
+    pub dps_steps: usize,
+    /// Write the sweep and the chosen zeta into this model card.
+    #[arg(long)]
+    pub card: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: Device,
+}
+
+/// `davi-train tune-dps`.
+pub fn tune_dps(a: TuneDpsArgs) -> Result<ExitCode> {
+    let t = crate::tune::tune(&crate::tune::TuneArgs {
+        config: a.config,
+        teacher: a.teacher,
+        zetas: a.zeta,
+        refine: !a.no_refine,
+        n: a.n,
+        steps: a.dps_steps,
+        device: a.device,
+        card: a.card,
+    })?;
+    println!("| zeta | PSNR (dB) | SSIM |\n|---:|---:|---:|");
+    for (z, p, q) in &t.sweep {
+        println!("| {z} | {p:.2} | {q:.4} |");
+    }
+    println!(
+        "chosen zeta: {} ({}; {} DPS steps)",
+        t.zeta, t.split, t.steps
+    );
     Ok(ExitCode::SUCCESS)
 }
 

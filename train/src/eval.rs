@@ -113,6 +113,8 @@ pub struct Report {
     pub samples: Option<SampleSpread>,
     /// Every method on the images DPS ran on (absent without DPS).
     pub paired: Option<Paired>,
+    /// DPS's step size.
+    pub dps_zeta: f64,
     /// Device.
     pub device: String,
 }
@@ -150,6 +152,12 @@ fn scores(pred: &Array4<f32>, truth: &Array4<f32>, nfe: usize, secs: f64) -> Met
         nfe,
         seconds_per_image: secs / n.max(1) as f64,
     }
+}
+
+/// Mean PSNR and SSIM (on [0, 1]) of images against the truth, both `[n, c, s, s]` on [-1, 1].
+pub fn mean_psnr_ssim(pred: &Tensor, truth: &Tensor) -> (f64, f64) {
+    let m = scores(&arr4(pred), &arr4(truth), 0, 0.0);
+    (m.psnr, m.ssim)
 }
 
 fn arr4(t: &Tensor) -> Array4<f32> {
@@ -375,6 +383,7 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
         dps: dps_scores,
         samples,
         paired,
+        dps_zeta: args.dps_zeta,
         device: format!("{:?}", args.device),
     };
     std::fs::create_dir_all(&args.out)
@@ -466,6 +475,7 @@ fn update_card(path: &Path, checkpoint: &Path, cfg: &DaviConfig, r: &Report) -> 
             training_seconds: state.as_ref().map_or(0.0, |s| s.seconds),
             notes: None,
             eval: None,
+            dps_tuning: None,
         }
     };
     card.eval = Some(EvalTable {
@@ -473,6 +483,7 @@ fn update_card(path: &Path, checkpoint: &Path, cfg: &DaviConfig, r: &Report) -> 
         davi: row(&r.davi),
         dps: row(&r.dps),
         lifted: row(&r.lifted),
+        dps_zeta: (r.dps.n > 0).then_some(r.dps_zeta),
         paired: r.paired.as_ref().map(|p| PairedTable {
             n: p.dps.n,
             davi: row(&p.davi),

@@ -21,5 +21,6 @@ pub mod plot;
 pub mod prior;
 pub mod pt;
 pub mod run;
+pub mod tune;
 
 pub use backend::TchBackend;

@@ -28,6 +28,8 @@ enum Cmd {
     Export(cli::ExportArgs),
     /// Evaluate DAVI against DPS and the lifted measurement on held-out images.
     Eval(cli::EvalArgs),
+    /// Sweep DPS's step size on validation images (never the test split).
+    TuneDps(cli::TuneDpsArgs),
     /// Throughput of tch's eager forward of I_phi (the restore graph) at several batch sizes.
     Bench(cli::BenchArgs),
     /// Steps/s of prior training of a config's UNet, to set against PyTorch eager.
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
         Cmd::Davi(a) => cli::davi(a),
         Cmd::Export(a) => cli::export(a),
         Cmd::Eval(a) => cli::eval(a),
+        Cmd::TuneDps(a) => cli::tune_dps(a),
         Cmd::Bench(a) => cli::bench(a),
         Cmd::BenchTrain(a) => cli::bench_train(a),
         Cmd::Describe(a) => cli::describe(a),

@@ -675,3 +675,42 @@ fn the_supervised_control_trains_on_the_truth_alone() {
         assert_eq!(max_diff(&v, &psi_before[&k]), 0.0, "{k}");
     }
 }
+
+#[test]
+fn dps_tuning_sweeps_validation_images_and_records_the_choice_in_the_card() {
+    let _serial = serial();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let tmp = tempfile::tempdir().unwrap();
+    let card = tmp.path().join("card.yaml");
+    std::fs::copy(root.join("models/zoo/fmnist32-sr4/card.yaml"), &card).unwrap();
+    let t = davi_train::tune::tune(&davi_train::tune::TuneArgs {
+        config: root.join("models/configs/fmnist32-sr4.yaml"),
+        teacher: Some(root.join("models/zoo/fmnist32-prior/ema.safetensors")),
+        zetas: vec![0.01, 1.0],
+        refine: true,
+        n: 2,
+        steps: 4,
+        device: Device::Cpu,
+        card: Some(card.clone()),
+    })
+    .unwrap();
+    // The grid, then the midpoint and one step beyond the best end.
+    assert_eq!(t.sweep.len(), 4);
+    let best = t.sweep.iter().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(t.zeta, best.0);
+    assert!(t.split.contains("training split"));
+    let c: davi_models::card::ModelCard =
+        serde_yaml::from_str(&std::fs::read_to_string(&card).unwrap()).unwrap();
+    assert_eq!(c.dps_tuning.unwrap(), t);
+    assert!(davi_train::tune::tune(&davi_train::tune::TuneArgs {
+        config: root.join("models/configs/fmnist32-sr4.yaml"),
+        teacher: None,
+        zetas: vec![f64::NAN],
+        refine: false,
+        n: 1,
+        steps: 1,
+        device: Device::Cpu,
+        card: None,
+    })
+    .is_err());
+}

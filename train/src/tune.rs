@@ -1,0 +1,136 @@
+//! `davi-train tune-dps`: DPS's step size zeta swept on validation images, never the test split
+//! (the last `n` images of the training split: DPS trains nothing, so any image outside the test
+//! set is fair). Every zeta restores the same measurements from the same noise; the best mean
+//! PSNR wins, after a refinement around the best of the grid.
+
+use crate::data::{open_config, Split};
+use crate::dps::{self, Dps};
+use crate::eval::mean_psnr_ssim;
+use crate::{checkpoint, config::train_config, davi::measure, TchBackend};
+use anyhow::{bail, Result};
+use davi_models::card::{DpsTuning, ModelCard};
+use davi_models::schedule::Diffusion;
+use davi_models::{DaviConfig, Implicit};
+use std::path::{Path, PathBuf};
+use tch::{Device, Tensor};
+
+/// What `tune-dps` was asked.
+pub struct TuneArgs {
+    /// Model config (its operator, sigma_y, data and teacher).
+    pub config: PathBuf,
+    /// DPS's prior (default: the config's `train.davi.teacher`).
+    pub teacher: Option<PathBuf>,
+    /// The zetas of the grid.
+    pub zetas: Vec<f64>,
+    /// Refine around the best of the grid (its geometric midpoints with the neighbours).
+    pub refine: bool,
+    /// Validation images.
+    pub n: usize,
+    /// DPS steps.
+    pub steps: usize,
+    /// Device.
+    pub device: Device,
+    /// Write the sweep and the chosen zeta into this card.
+    pub card: Option<PathBuf>,
+}
+
+/// Runs the sweep; returns the tuning (also written into the card when asked).
+pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
+    if args.zetas.is_empty() || args.zetas.iter().any(|z| !(z.is_finite() && *z >= 0.0)) {
+        bail!("--zeta: one or more finite step sizes >= 0");
+    }
+    let cfg = DaviConfig::from_file(&args.config)?;
+    let task = cfg.task()?.clone();
+    let implicit = Implicit::new(&cfg)?;
+    let diff = Diffusion::new(cfg.diffusion.schedule, cfg.diffusion.steps);
+    let teacher = match &args.teacher {
+        Some(t) => t.clone(),
+        None => PathBuf::from(
+            train_config(&cfg)?
+                .davi
+                .map(|d| d.teacher)
+                .unwrap_or_default(),
+        ),
+    };
+    let bt = checkpoint::load_backend(&teacher, &implicit.unet, args.device)?;
+    let ds = open_config(&cfg, &args.config, Split::Train, true)?;
+    let n = args.n.min(ds.len);
+    let idx: Vec<usize> = (ds.len - n..ds.len).collect();
+    let (c, s) = (implicit.channels, implicit.size);
+    let x0 = Tensor::from_slice(&ds.batch(&idx)?)
+        .reshape([n as i64, c as i64, s as i64, s as i64])
+        .to_device(args.device);
+    tch::manual_seed(2024);
+    let cb = TchBackend::new(Default::default(), args.device);
+    let y =
+        tch::no_grad(|| measure(&implicit.operator, &cb, &x0, c, s, task.sigma_y)).clamp(-1.0, 1.0);
+    let run = |zeta: f64| -> Result<(f64, f64, f64)> {
+        let cfg_dps = Dps {
+            steps: args.steps,
+            zeta,
+        };
+        let (out, _) = dps::restore(
+            &implicit.unet,
+            &bt,
+            &diff,
+            &implicit.operator,
+            &y,
+            &cfg_dps,
+            7,
+        )?;
+        let (p, q) = mean_psnr_ssim(&out, &x0);
+        eprintln!("tune-dps: zeta {zeta}: PSNR {p:.2} dB, SSIM {q:.4} on {n} validation images");
+        Ok((zeta, p, q))
+    };
+    let mut sweep = Vec::new();
+    for &z in &args.zetas {
+        sweep.push(run(z)?);
+    }
+    if args.refine && args.zetas.len() > 1 {
+        let mut grid = args.zetas.clone();
+        grid.sort_by(|a, b| a.total_cmp(b));
+        let best = best_of(&sweep);
+        let i = grid.iter().position(|&z| z == best).unwrap_or(0);
+        let mut mids: Vec<f64> = [i.checked_sub(1), (i + 1 < grid.len()).then_some(i + 1)]
+            .into_iter()
+            .flatten()
+            .map(|j| (grid[j] * best).sqrt())
+            .filter(|&z| z > 0.0)
+            .collect();
+        // Best at an end of the grid: one more grid step outward too.
+        let inner = if i == 0 { grid.get(1) } else { grid.get(i - 1) };
+        if (i == 0 || i + 1 == grid.len()) && best > 0.0 {
+            if let Some(&j) = inner.filter(|&&j| j > 0.0) {
+                mids.push(best * best / j);
+            }
+        }
+        for z in mids {
+            sweep.push(run(z)?);
+        }
+    }
+    let tuning = DpsTuning {
+        split: format!("validation: the last {n} images of the training split"),
+        n,
+        steps: args.steps,
+        zeta: best_of(&sweep),
+        sweep,
+    };
+    if let Some(card) = &args.card {
+        write_card(card, &tuning)?;
+    }
+    Ok(tuning)
+}
+
+/// The zeta of the best mean PSNR.
+fn best_of(sweep: &[(f64, f64, f64)]) -> f64 {
+    sweep
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(1.0, |r| r.0)
+}
+
+fn write_card(path: &Path, tuning: &DpsTuning) -> Result<()> {
+    let mut card: ModelCard = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
+    card.dps_tuning = Some(tuning.clone());
+    crate::run::write_atomic(path, serde_yaml::to_string(&card)?.as_bytes())
+}
