@@ -91,6 +91,11 @@ pub struct DaviTrain {
     pub bridge: bool,
     /// The PatchGAN hinge term with VQGAN's adaptive weight (absent: off, the default).
     pub gan: Option<crate::gan::GanConfig>,
+    /// Steps between validations: PSNR of the EMA weights on `validate_n` validation images
+    /// (the last training images) into `validation.csv` (0: never).
+    pub validate_every: usize,
+    /// Validation images.
+    pub validate_n: usize,
     /// The supervised control: the same `I_phi`, initialised alike, trained on the same pairs
     /// with plain MSE to the truth alone (no IKL, no `s_psi`, no data consistency term): what
     /// the diffusion prior adds beyond DAVI's ground-truth term.
@@ -117,6 +122,8 @@ impl Default for DaviTrain {
             bridge: true,
             gan: None,
             supervised: false,
+            validate_every: 500,
+            validate_n: 256,
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct Trainer {
     pub sigma_y: f64,
     /// Device.
     pub device: Device,
+    /// Validation pairs `(y, z, x0)`, when the run validates.
+    pub validation: Option<(Tensor, Tensor, Tensor)>,
 }
 
 pub use crate::losses::measure;
@@ -131,6 +133,7 @@ impl Trainer {
             hp,
             sigma_y: cfg.task()?.sigma_y,
             device,
+            validation: None,
         })
     }
 
@@ -358,6 +361,38 @@ impl Trainee for Trainer {
     fn finish(&mut self, dir: &Path) -> Result<()> {
         checkpoint::save_tensors(&dir.join("ema.safetensors"), &self.ema.named(""))
     }
+
+    /// PSNR of the EMA weights' restorations of the validation pairs.
+    fn validate(&mut self) -> Result<Option<f64>> {
+        let Some((y, z, x0)) = &self.validation else {
+            return Ok(None);
+        };
+        let b = TchBackend::new(self.ema.handles(), self.device);
+        let out = tch::no_grad(|| self.implicit.restore(&b, y, z))?;
+        Ok(Some(crate::eval::mean_psnr_ssim(&out, x0).0))
+    }
+}
+
+/// Validation pairs: the last `n` training images (never the test split), measured and given
+/// bridge noise from a fixed seed, so every validation sees the same inputs.
+fn validation_pairs(
+    tr: &Trainer,
+    data: &crate::data::Dataset,
+    n: usize,
+    device: Device,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let n = n.min(data.len).max(1);
+    let idx: Vec<usize> = (data.len - n..data.len).collect();
+    let (c, s) = (tr.implicit.channels, tr.implicit.size);
+    let x0 = Tensor::from_slice(&data.batch(&idx)?)
+        .reshape([n as i64, c as i64, s as i64, s as i64])
+        .to_device(device);
+    tch::manual_seed(777);
+    let cb = TchBackend::new(Default::default(), device);
+    let y = tch::no_grad(|| measure(&tr.implicit.operator, &cb, &x0, c, s, tr.sigma_y))
+        .clamp(-1.0, 1.0);
+    let z = Tensor::randn_like(&x0);
+    Ok((y, z, x0))
 }
 
 /// Trains (or resumes) a DAVI model. Returns the run folder.
@@ -389,6 +424,9 @@ pub fn train(args: &DaviArgs) -> Result<PathBuf> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
     let mut tr = Trainer::new(&cfg, hp.clone(), teacher, args.device)?;
+    if hp.validate_every > 0 {
+        tr.validation = Some(validation_pairs(&tr, &data, hp.validate_n, args.device)?);
+    }
     let run = Run::open(&dir, &serde_yaml::to_string(&cfg)?, &tr.columns(), hp.keep)?;
     tracing::info!(
         "davi {} ({}): {} steps of {} on {}",
@@ -398,7 +436,8 @@ pub fn train(args: &DaviArgs) -> Result<PathBuf> {
         hp.batch_size,
         data.name
     );
-    let sched = Schedule::new(hp.steps, hp.batch_size, hp.seed, hp.checkpoint_every);
+    let sched = Schedule::new(hp.steps, hp.batch_size, hp.seed, hp.checkpoint_every)
+        .validating(hp.validate_every);
     drive(&mut tr, &data, &run, &cfg.hash(), &sched.on(args.device))?;
     Ok(dir)
 }

@@ -28,6 +28,11 @@ pub trait Trainee {
     }
     /// Once all steps are done: the exported weights (`ema.safetensors`) and the like.
     fn finish(&mut self, dir: &Path) -> Result<()>;
+    /// A validation score now (e.g. PSNR of the EMA weights on held-out images), if the trainee
+    /// has one; the loop calls it every `Schedule::validate_every` steps.
+    fn validate(&mut self) -> Result<Option<f64>> {
+        Ok(None)
+    }
 }
 
 /// The loop's settings.
@@ -42,6 +47,8 @@ pub struct Schedule {
     pub checkpoint_every: usize,
     /// Device of the batches.
     pub device: Device,
+    /// Steps between validations (0: never).
+    pub validate_every: usize,
 }
 
 impl Schedule {
@@ -54,6 +61,15 @@ impl Schedule {
             seed,
             checkpoint_every,
             device: Device::Cpu,
+            validate_every: 0,
+        }
+    }
+
+    /// The same schedule, validating every `every` steps.
+    pub fn validating(self, every: usize) -> Self {
+        Self {
+            validate_every: every,
+            ..self
         }
     }
 
@@ -149,6 +165,12 @@ pub fn drive(
                 }
             }
             t.after_step(step, sched.steps, &dir)?;
+            let every = sched.validate_every;
+            if every > 0 && (step.is_multiple_of(every) || step == sched.steps) {
+                if let Some(v) = t.validate()? {
+                    run.log_validation(step, v)?;
+                }
+            }
             if stop {
                 bar.abandon_with_message(format!(
                     "stopped at step {step}; resume with --run {}",

@@ -123,23 +123,25 @@ impl Run {
         Ok(())
     }
 
+    /// Appends a validation score to `validation.csv` (rows past the resumed step are dropped
+    /// with the metrics').
+    pub fn log_validation(&self, step: usize, psnr: f64) -> Result<()> {
+        let p = self.dir.join("validation.csv");
+        if !p.exists() {
+            write_atomic(&p, b"step,psnr\n")?;
+        }
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p)?;
+        f.write_all(format!("{step},{psnr:.4}\n").as_bytes())?;
+        Ok(())
+    }
+
     /// Drops metric rows after `step` (written after the last checkpoint of a killed run).
     pub fn truncate_metrics(&self, step: usize) -> Result<()> {
-        let p = self.dir.join("metrics.csv");
-        let s = std::fs::read_to_string(&p)?;
-        let kept: Vec<&str> = s
-            .lines()
-            .enumerate()
-            .filter(|(i, l)| {
-                *i == 0
-                    || l.split(',')
-                        .next()
-                        .and_then(|v| v.parse::<usize>().ok())
-                        .is_some_and(|v| v <= step)
-            })
-            .map(|(_, l)| l)
-            .collect();
-        write_atomic(&p, (kept.join("\n") + "\n").as_bytes())
+        let v = self.dir.join("validation.csv");
+        if v.exists() {
+            truncate_csv(&v, step)?;
+        }
+        truncate_csv(&self.dir.join("metrics.csv"), step)
     }
 
     /// Saves a checkpoint atomically, records it in `state.json`, and prunes old ones.
@@ -193,6 +195,24 @@ impl Run {
         img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
         write_atomic(&self.dir.join("loss.png"), &buf)
     }
+}
+
+/// Keeps the header and the rows whose first column is at most `step`.
+fn truncate_csv(p: &Path, step: usize) -> Result<()> {
+    let s = std::fs::read_to_string(p)?;
+    let kept: Vec<&str> = s
+        .lines()
+        .enumerate()
+        .filter(|(i, l)| {
+            *i == 0
+                || l.split(',')
+                    .next()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .is_some_and(|v| v <= step)
+        })
+        .map(|(_, l)| l)
+        .collect();
+    write_atomic(p, (kept.join("\n") + "\n").as_bytes())
 }
 
 /// Checks that a resumed run trains the same config.

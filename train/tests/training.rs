@@ -714,3 +714,44 @@ fn dps_tuning_sweeps_validation_images_and_records_the_choice_in_the_card() {
     })
     .is_err());
 }
+
+#[test]
+fn davi_runs_validate_on_held_out_training_images_and_resume_keeps_the_rows() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let prior_dir = tmp.path().join("p");
+    std::fs::create_dir_all(&prior_dir).unwrap();
+    let pcfg = prior_cfg(&prior_dir, 2);
+    train_prior(&pcfg, &tmp.path().join("prior"), None);
+    let ddir = tmp.path().join("d");
+    std::fs::create_dir_all(&ddir).unwrap();
+    let dcfg = setup(
+        &ddir,
+        "task:\n  operator: {task: denoise}\n  sigma_y: 0.2\n  h: 0.1\ntrain:\n  davi:\n    batch_size: 4\n    steps: 4\n    checkpoint_every: 2\n    validate_every: 2\n    validate_n: 4\n    t_ikl: 400\n",
+    );
+    let run = tmp.path().join("davi");
+    let args = |steps| davi_train::davi::DaviArgs {
+        config: dcfg.clone(),
+        device: Device::Cpu,
+        run: Some(run.clone()),
+        steps: Some(steps),
+        teacher: Some(tmp.path().join("prior/ema.safetensors")),
+    };
+    davi_train::davi::train(&args(2)).unwrap();
+    davi_train::davi::train(&args(4)).unwrap();
+    let v = std::fs::read_to_string(run.join("validation.csv")).unwrap();
+    let rows: Vec<(usize, f64)> = v
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (a, b) = l.split_once(',').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![2, 4],
+        "{v}"
+    );
+    assert!(rows.iter().all(|r| r.1.is_finite() && r.1 > 0.0), "{v}");
+}
