@@ -42,6 +42,25 @@ e = json.load(open(path))
 print(f"| {t} | {len(e['images'])} | {e['psnr']:.2f} ± {e['psnr_ci95']:.2f} | {m} | {e['ssim']:.4f} |")
 PY
 done
+# A whole photograph, larger than the model: colorized tile by tile.
+photo=models/samples/photo32-colorize/photo
+if [ "$zoo" = models/zoo ] && [ -d "$photo" ]; then
+  echo "demo: colorizing the whole photograph(s) in $photo, tile by tile"
+  rm -rf out/photo/grey
+  $DAVI degrade -m "$zoo/photo32-colorize/model.onnx" -i "$photo" -o out/photo/grey --seed 0
+  $DAVI restore -m "$zoo/photo32-colorize/model.onnx" -i out/photo/grey -o out/photo/colorized --seed 0
+  $DAVI eval --restored out/photo/colorized --reference "$photo" --json out/photo/eval.json > /dev/null
+  $DAVI eval --restored out/photo/grey --reference "$photo" --json out/photo/grey.json > /dev/null 2>&1 || true
+  python3 - out/photo/eval.json out/photo/grey.json >> out/demo.md <<'PY'
+import json, sys
+e = json.load(open(sys.argv[1]))
+try:
+    g = "%.2f" % json.load(open(sys.argv[2]))["psnr"]
+except Exception:
+    g = "n/a"
+print(f"| photo32-colorize, whole photograph (512x320, in tiles) | {len(e['images'])} | {e['psnr']:.2f} | {g} (grey) | {e['ssim']:.4f} |")
+PY
+fi
 cat out/demo.md
 echo
 echo "demo: restored images in out/<model>/, contact sheets out/<model>.sheet.png (measurement | restored | clean)"
