@@ -34,7 +34,9 @@ for name in $MODELS; do
   mkdir -p "$dir"
   $BIN/davi-train export --half-weights --checkpoint "$RUNS/$name/ema.safetensors" \
     --config "models/configs/$name.yaml" -o "$dir/model.onnx"
-  $BIN/davi-train eval --checkpoint "$dir/model.onnx" --config "models/configs/$name.yaml" \
+  features=()
+  case $name in fmnist32-*) features=(--features models/zoo/fmnist-classifier/weights.safetensors) ;; esac
+  $BIN/davi-train eval --checkpoint "$dir/model.onnx" --config "models/configs/$name.yaml" "${features[@]}" \
     -n "${EVAL_N:-1000}" --dps-steps "${DPS_STEPS:-1000}" --dps-n "${DPS_N:-16}" --device "$DEVICE" \
     -o "$RUNS/$name/eval" --card "$dir/card.yaml"
   cp "$RUNS/$name/eval/sheet.png" "$dir/sheet.png"

@@ -192,6 +192,12 @@ pub struct EvalRow {
     /// Half-width of its 95% interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssim_ci95: Option<f64>,
+    /// FID on the Fashion-MNIST classifier's features (full runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fid: Option<f64>,
+    /// KID on the same features (paired runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<f64>,
     /// Network evaluations per image.
     pub nfe: usize,
     /// Wall time per image.

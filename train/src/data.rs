@@ -75,6 +75,56 @@ pub fn read_idx3(path: &Path) -> Result<(usize, usize, usize, Vec<u8>)> {
     Ok((n, r, c, b[16..].to_vec()))
 }
 
+/// Reads an IDX1 label file.
+pub fn read_idx1(path: &Path) -> Result<Vec<u8>> {
+    let b = read_gz(path)?;
+    if b.len() < 8 || b[..4] != [0, 0, 8, 1] {
+        bail!("{}: not an IDX1 ubyte file", path.display());
+    }
+    let n = u32::from_be_bytes([b[4], b[5], b[6], b[7]]) as usize;
+    if b.len() != 8 + n {
+        bail!(
+            "{}: truncated ({} bytes for {n} labels)",
+            path.display(),
+            b.len()
+        );
+    }
+    Ok(b[8..].to_vec())
+}
+
+/// Fashion-MNIST's images (padded to 32x32 on [-1, 1]) and labels of a split, from `dir`.
+pub fn fashion_mnist(dir: &Path, split: Split) -> Result<(tch::Tensor, tch::Tensor)> {
+    let (img, lab) = match split {
+        Split::Train => ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+        Split::Test => ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+    };
+    let (n, r, c, px) = read_idx3(&dir.join(img))?;
+    let labels = read_idx1(&dir.join(lab))?;
+    if labels.len() != n || r > 32 || c > 32 {
+        bail!(
+            "{}: {n} images of {r}x{c} and {} labels",
+            dir.display(),
+            labels.len()
+        );
+    }
+    let x = tch::Tensor::from_slice(&px)
+        .reshape([n as i64, 1, r as i64, c as i64])
+        .to_kind(tch::Kind::Float)
+        / 127.5
+        - 1.0;
+    let (pt, pl) = (((32 - r) / 2) as i64, ((32 - c) / 2) as i64);
+    let x = x.constant_pad_nd([pl, 32 - c as i64 - pl, pt, 32 - r as i64 - pt]);
+    // Padding is black (-1), as the models see the images.
+    let mask = tch::Tensor::ones(
+        [1, 1, r as i64, c as i64],
+        (tch::Kind::Float, tch::Device::Cpu),
+    )
+    .constant_pad_nd([pl, 32 - c as i64 - pl, pt, 32 - r as i64 - pt]);
+    let x = &x * &mask - (1.0 - &mask);
+    let y = tch::Tensor::from_slice(&labels).to_kind(tch::Kind::Int64);
+    Ok((x, y))
+}
+
 /// Decodes an image file to `[c, s, s]` in [-1, 1]: shorter side resized to `s` (Lanczos), centre crop.
 pub fn load_image(path: &Path, c: usize, s: usize) -> Result<Vec<f32>> {
     let img = image::ImageReader::open(path)

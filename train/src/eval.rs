@@ -45,6 +45,8 @@ pub struct EvalArgs {
     pub batch: usize,
     /// Posterior samples per measurement for the spread (below 2: skip), on the first 64 images.
     pub samples: usize,
+    /// The Fashion-MNIST classifier's weights: FID (full runs) and KID (paired) on its features.
+    pub features: Option<PathBuf>,
 }
 
 /// One method's scores.
@@ -64,6 +66,10 @@ pub struct MethodScores {
     pub nfe: usize,
     /// Wall seconds per image.
     pub seconds_per_image: f64,
+    /// FID against the truth on the classifier's features (the full runs), when measured.
+    pub fid: Option<f64>,
+    /// KID against the truth on the classifier's features (the paired runs), when measured.
+    pub kid: Option<f64>,
 }
 
 impl MethodScores {
@@ -77,6 +83,8 @@ impl MethodScores {
             ssim_ci95: f64::NAN,
             nfe: 0,
             seconds_per_image: f64::NAN,
+            fid: None,
+            kid: None,
         }
     }
 }
@@ -151,6 +159,8 @@ fn scores(pred: &Array4<f32>, truth: &Array4<f32>, nfe: usize, secs: f64) -> Met
         ssim_ci95: sc,
         nfe,
         seconds_per_image: secs / n.max(1) as f64,
+        fid: None,
+        kid: None,
     }
 }
 
@@ -372,6 +382,24 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
             dps: dps_scores.clone(),
         }
     });
+    let (mut davi, mut lifted, mut paired) = (davi, lifted, paired);
+    if let Some(path) = &args.features {
+        if (implicit.channels, implicit.size) != (1, 32) {
+            anyhow::bail!("--features: the classifier takes 32x32 grey images (Fashion-MNIST)");
+        }
+        let clf = crate::features::Classifier::load(path, args.device)?;
+        let f = |t: &Tensor| clf.features(t);
+        let truth = f(&run.x);
+        davi.fid = Some(crate::features::fid(&f(&run.restored), &truth));
+        lifted.fid = Some(crate::features::fid(&f(&run.lifted), &truth));
+        if let (Some(p), Some(d)) = (paired.as_mut(), dps_imgs.as_ref()) {
+            let m = dps_n as i64;
+            let t = truth.narrow(0, 0, m);
+            p.davi.kid = Some(crate::features::kid(&f(&run.restored.narrow(0, 0, m)), &t));
+            p.lifted.kid = Some(crate::features::kid(&f(&run.lifted.narrow(0, 0, m)), &t));
+            p.dps.kid = Some(crate::features::kid(&f(d), &t));
+        }
+    }
     let samples = (args.samples > 1)
         .then(|| sample_spread(&implicit, &bphi, &run, args.samples))
         .transpose()?;
@@ -403,14 +431,23 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
 
 /// The Markdown table of a report.
 pub fn markdown(r: &Report) -> String {
+    let opt = |v: Option<f64>| v.map_or("".to_string(), |v| format!("{v:.4}"));
     let row = |name: &str, m: &MethodScores| {
         format!(
-            "| {name} | {} | {:.2} ± {:.2} | {:.4} ± {:.4} | {} | {:.4} |\n",
-            m.n, m.psnr, m.psnr_ci95, m.ssim, m.ssim_ci95, m.nfe, m.seconds_per_image
+            "| {name} | {} | {:.2} ± {:.2} | {:.4} ± {:.4} | {} | {} | {} | {:.4} |\n",
+            m.n,
+            m.psnr,
+            m.psnr_ci95,
+            m.ssim,
+            m.ssim_ci95,
+            opt(m.fid),
+            opt(m.kid),
+            m.nfe,
+            m.seconds_per_image
         )
     };
     let mut s = format!(
-        "{} ({}), device {}\n\n| method | images | PSNR (dB) | SSIM | network evaluations | seconds / image |\n|---|---:|---:|---:|---:|---:|\n",
+        "{} ({}), device {}\n\n| method | images | PSNR (dB) | SSIM | FID | KID | network evaluations | seconds / image |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
         r.model, r.task, r.device
     );
     s += &row("lifted measurement", &r.lifted);
@@ -420,7 +457,7 @@ pub fn markdown(r: &Report) -> String {
     }
     if let Some(p) = &r.paired {
         s += &format!(
-            "\nPaired, on the {} images DPS ran on:\n\n| method | images | PSNR (dB) | SSIM | network evaluations | seconds / image |\n|---|---:|---:|---:|---:|---:|\n",
+            "\nPaired, on the {} images DPS ran on:\n\n| method | images | PSNR (dB) | SSIM | FID | KID | network evaluations | seconds / image |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
             p.dps.n
         );
         s += &row("lifted measurement", &p.lifted);
@@ -444,6 +481,8 @@ fn update_card(path: &Path, checkpoint: &Path, cfg: &DaviConfig, r: &Report) -> 
         psnr_ci95: Some(m.psnr_ci95),
         ssim: m.ssim,
         ssim_ci95: Some(m.ssim_ci95),
+        fid: m.fid,
+        kid: m.kid,
         nfe: m.nfe,
         seconds_per_image: m.seconds_per_image,
     };

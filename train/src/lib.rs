@@ -14,6 +14,7 @@ pub mod dps;
 pub mod driver;
 pub mod eval;
 pub mod export;
+pub mod features;
 pub mod gan;
 pub mod losses;
 pub mod params;

@@ -43,6 +43,8 @@ enum Cmd {
     Images(cli::ImagesArgs),
     /// Random weights of a UNet config, as a `torch.save` checkpoint or safetensors.
     Init(cli::InitArgs),
+    /// Train the Fashion-MNIST classifier whose features give FID and KID.
+    Classifier(cli::ClassifierArgs),
     /// Sample from a prior: ancestral DDPM or DDIM.
     Sample(cli::SampleArgs),
 }
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Cmd::Import(a) => cli::import(a),
         Cmd::Images(a) => cli::images(a),
         Cmd::Init(a) => cli::init(a),
+        Cmd::Classifier(a) => cli::classifier(a),
         Cmd::Sample(a) => cli::sample(a),
     };
     result.unwrap_or_else(|e| {

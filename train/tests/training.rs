@@ -623,8 +623,13 @@ fn eval_scores_every_method_on_the_same_images_and_writes_them_to_the_card() {
         device: Device::Cpu,
         batch: 4,
         samples: 0,
+        features: Some(root.join("models/zoo/fmnist-classifier/weights.safetensors")),
     };
     let r = davi_train::eval::eval(&args).unwrap();
+    // FID on the full runs, KID on the paired ones, from the shipped classifier's features.
+    assert!(r.davi.fid.is_some_and(f64::is_finite) && r.lifted.fid.is_some());
+    let pk = r.paired.as_ref().unwrap();
+    assert!(pk.dps.kid.is_some_and(f64::is_finite) && pk.davi.kid.is_some());
     assert_eq!((r.davi.n, r.lifted.n, r.dps.n), (8, 8, 3));
     let p = r.paired.expect("paired scores with DPS");
     assert_eq!((p.davi.n, p.lifted.n, p.dps.n), (3, 3, 3));
@@ -754,4 +759,23 @@ fn davi_runs_validate_on_held_out_training_images_and_resume_keeps_the_rows() {
         "{v}"
     );
     assert!(rows.iter().all(|r| r.1.is_finite() && r.1 > 0.0), "{v}");
+}
+
+#[test]
+fn the_shipped_classifier_knows_fashion_mnist() {
+    let _serial = serial();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let c = davi_train::features::Classifier::load(
+        &root.join("models/zoo/fmnist-classifier/weights.safetensors"),
+        Device::Cpu,
+    )
+    .unwrap();
+    let (x, y) = davi_train::data::fashion_mnist(
+        Path::new("/usr/share/datasets/fashion-mnist"),
+        davi_train::data::Split::Test,
+    )
+    .unwrap();
+    let acc = c.accuracy((&x, &y)).unwrap();
+    assert!(acc > 0.85, "test accuracy {acc}");
+    assert_eq!(c.features(&x.narrow(0, 0, 3)).size(), [3, 128]);
 }
