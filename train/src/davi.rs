@@ -7,7 +7,7 @@ use crate::backend::TchBackend;
 use crate::config::{train_config, DaviTrain};
 use crate::data::{open_config, Split};
 use crate::driver::{drive, finite, Schedule, Trainee};
-use crate::gan::{adaptive_weight, PatchGan};
+use crate::gan::{adaptive_weight_clipped, AdaptiveFrom, PatchGan};
 use crate::params::{AdamW, Ema, ParamSet};
 use crate::prior::{step_rng, strip};
 use crate::run::Run;
@@ -225,10 +225,17 @@ impl Trainer {
         let (mut gan_g, mut gan_w) = (0.0, 0.0);
         let gan_on = self.gan.as_ref().is_some_and(|g| step >= g.cfg.start);
         if let (Some(gan), true) = (&self.gan, gan_on) {
-            // The generator's hinge term, weighted by the ratio of gradient norms at the last layer.
-            let gen = -gan.logits_frozen(&x_hat).mean(Kind::Float);
+            // The generator's term (hinge, plus feature matching when asked), weighted by the
+            // ratio of gradient norms at the last layer against the total or the weighted
+            // ground-truth term, clipped.
+            let gen = gan.generator_term(&x_hat, x0);
             let last = &self.phi.tensors["out.2.weight"];
-            gan_w = adaptive_weight(&total, &gen, last) * gan.cfg.weight;
+            let base = match gan.cfg.adaptive_from {
+                AdaptiveFrom::Total => total.shallow_clone(),
+                AdaptiveFrom::GroundTruth => &reg * hp.reg_coeff,
+            };
+            gan_w =
+                adaptive_weight_clipped(&base, &gen, last, gan.cfg.weight_clip) * gan.cfg.weight;
             gan_g = gen.double_value(&[]);
             total = &total + gen * gan_w;
         }

@@ -23,6 +23,25 @@ pub struct GanConfig {
     pub start: usize,
     /// Adam learning rate of the discriminator (betas 0.5, 0.9); 0: that of `I_phi`.
     pub lr: f64,
+    /// Weight of the feature-matching term added to the generator's hinge term: the L1 distance
+    /// between the discriminator's intermediate activations on `x_hat` and on `x0` (0: off).
+    pub feature_matching: f64,
+    /// What the adaptive weight balances the generator term against: `total` (VQGAN's
+    /// reconstruction, here the whole DAVI loss) or `ground_truth` (the weighted ground-truth
+    /// term, as the official DAVI code does).
+    pub adaptive_from: AdaptiveFrom,
+    /// Clip of the adaptive weight's ratio before `weight` scales it (official: [0.01, 10]).
+    pub weight_clip: (f64, f64),
+}
+
+/// The loss the adaptive weight compares the generator term with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdaptiveFrom {
+    /// The whole `I_phi` loss.
+    Total,
+    /// The weighted ground-truth term.
+    GroundTruth,
 }
 
 impl Default for GanConfig {
@@ -33,6 +52,9 @@ impl Default for GanConfig {
             ndf: 64,
             start: 0,
             lr: 0.0,
+            feature_matching: 0.0,
+            adaptive_from: AdaptiveFrom::Total,
+            weight_clip: (0.0, 1e4),
         }
     }
 }
@@ -144,7 +166,41 @@ impl PatchGan {
         self.logits_with(&self.params.frozen(), x)
     }
 
+    /// The generator's term on `x_hat` with the discriminator's weights fixed: the hinge term
+    /// `-mean D(x_hat)`, plus `feature_matching` times the L1 distance of the intermediate
+    /// activations on `x_hat` and on `x0` (those of `x0` without gradient).
+    pub fn generator_term(&self, x_hat: &Tensor, x0: &Tensor) -> Tensor {
+        let p = self.params.frozen();
+        let mut fake = Vec::new();
+        let logits = self.run(&p, x_hat, Some(&mut fake));
+        let hinge = -logits.mean(Kind::Float);
+        if self.cfg.feature_matching <= 0.0 {
+            return hinge;
+        }
+        let mut real = Vec::new();
+        let _ = tch::no_grad(|| self.run(&p, x0, Some(&mut real)));
+        let fm = fake
+            .iter()
+            .zip(&real)
+            .map(|(a, b)| (a - b.detach()).abs().mean(Kind::Float))
+            .fold(
+                Tensor::zeros([], (Kind::Float, x_hat.device())),
+                |acc, t| acc + t,
+            );
+        hinge + fm * self.cfg.feature_matching
+    }
+
     fn logits_with(&self, p: &std::collections::HashMap<String, Tensor>, x: &Tensor) -> Tensor {
+        self.run(p, x, None)
+    }
+
+    /// The discriminator on `x`; the activations after each hidden layer go to `features`.
+    fn run(
+        &self,
+        p: &std::collections::HashMap<String, Tensor>,
+        x: &Tensor,
+        mut features: Option<&mut Vec<Tensor>>,
+    ) -> Tensor {
         let last = self.layers.len() - 1;
         let mut h = x.shallow_clone();
         for (i, (name, _, _, stride, bias, norm)) in self.layers.iter().enumerate() {
@@ -176,6 +232,9 @@ impl PatchGan {
             }
             if i != last {
                 h = h.maximum(&(&h * 0.2)); // LeakyReLU(0.2)
+                if let Some(f) = features.as_deref_mut() {
+                    f.push(h.shallow_clone());
+                }
             }
         }
         h
@@ -204,9 +263,14 @@ pub fn d_hinge(real: &Tensor, fake: &Tensor) -> Tensor {
 /// VQGAN's adaptive weight: `||d rec / d last|| / (||d gen / d last|| + 1e-4)`, clamped to
 /// [0, 1e4] and detached. Both losses keep their graphs.
 pub fn adaptive_weight(rec: &Tensor, gen: &Tensor, last: &Tensor) -> f64 {
+    adaptive_weight_clipped(rec, gen, last, (0.0, 1e4))
+}
+
+/// [`adaptive_weight`] with the ratio clipped to `clip`.
+pub fn adaptive_weight_clipped(rec: &Tensor, gen: &Tensor, last: &Tensor, clip: (f64, f64)) -> f64 {
     let g_rec = Tensor::run_backward(&[rec], &[last], true, false);
     let g_gen = Tensor::run_backward(&[gen], &[last], true, false);
     let n_rec = g_rec[0].norm().double_value(&[]);
     let n_gen = g_gen[0].norm().double_value(&[]);
-    (n_rec / (n_gen + 1e-4)).clamp(0.0, 1e4)
+    (n_rec / (n_gen + 1e-4)).clamp(clip.0, clip.1)
 }

@@ -779,3 +779,47 @@ fn the_shipped_classifier_knows_fashion_mnist() {
     assert!(acc > 0.85, "test accuracy {acc}");
     assert_eq!(c.features(&x.narrow(0, 0, 3)).size(), [3, 128]);
 }
+
+#[test]
+fn the_official_gan_form_adds_feature_matching_and_clips_the_weight_against_the_truth_term() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = davi_cfg(tmp.path(), "{task: deblur, kernel_size: 5, sigma: 1.0}");
+    let official = davi_train::gan::GanConfig {
+        layers: 2,
+        ndf: 16,
+        weight: 0.5,
+        feature_matching: 1.0,
+        adaptive_from: davi_train::gan::AdaptiveFrom::GroundTruth,
+        weight_clip: (0.01, 10.0),
+        ..Default::default()
+    };
+    let hp = davi_train::config::DaviTrain {
+        batch_size: 8,
+        lr: 1e-3,
+        t_ikl: 400,
+        gan: Some(official.clone()),
+        ..Default::default()
+    };
+    let mut tr = trainer(&cfg, hp);
+    tch::manual_seed(5);
+    let x0 = binary_images(8);
+    // Feature matching adds a positive L1 term to the hinge term.
+    let gan = tr.gan.as_ref().unwrap();
+    let x_hat = Tensor::zeros_like(&x0);
+    let hinge = -gan
+        .logits_frozen(&x_hat)
+        .mean(Kind::Float)
+        .double_value(&[]);
+    let with_fm = gan.generator_term(&x_hat, &x0).double_value(&[]);
+    assert!(with_fm > hinge + 1e-6, "{with_fm} vs {hinge}");
+    for step in 0..5 {
+        let t = tr.step(&x0, step).unwrap();
+        assert!(t.total.is_finite());
+        assert!(
+            (0.01 * 0.5 - 1e-12..=10.0 * 0.5 + 1e-12).contains(&t.gan_w),
+            "weight {}",
+            t.gan_w
+        );
+    }
+}
