@@ -682,6 +682,33 @@ fn grid_of(
     Ok(grid)
 }
 
+/// Pixels decoded at once at most (several images in parallel, as long as they are small).
+const GROUP_PIXELS: u64 = 32_000_000;
+
+/// The next group of inputs to decode together, from `todo[start..]`: at most `most` of them,
+/// and at most [`GROUP_PIXELS`] in all by their headers (a large image goes alone), so that
+/// memory follows the batch, not the images' sizes. Headers are read as the groups are made.
+fn next_group(jobs: &[Job], todo: &[usize], start: usize, most: usize) -> usize {
+    let pixels = |i: usize| {
+        image::ImageReader::open(&jobs[i].path)
+            .ok()
+            .and_then(|r| r.with_guessed_format().ok())
+            .and_then(|r| r.into_dimensions().ok())
+            .map_or(0, |(w, h)| w as u64 * h as u64)
+    };
+    let mut sum = 0u64;
+    let mut end = start;
+    while end < todo.len() && end - start < most {
+        let p = pixels(todo[end]);
+        if end > start && sum + p > GROUP_PIXELS {
+            break;
+        }
+        sum += p;
+        end += 1;
+    }
+    end
+}
+
 /// Stage 1: decodes the inputs `todo` on the rayon pool, cuts each into the tiles the model
 /// takes, and sends the rows (one per sample and tile, with its noise, drawn there too) in runs
 /// of `rows_per_run`, and the inputs that failed. An image of the model's size is one tile whose
@@ -724,7 +751,11 @@ fn decode_stage(
         let failed = std::mem::take(fails);
         tx.send(Chunk { rows, failed }).is_ok()
     };
-    for group in todo.chunks((rows_per_run / k).max(1)) {
+    let mut start = 0;
+    while start < todo.len() {
+        let end = next_group(jobs, todo, start, (rows_per_run / k).max(1));
+        let group = &todo[start..end];
+        start = end;
         type Decoded = Result<(Array3<f32>, Grid), String>;
         let decoded: Vec<(usize, Decoded)> = group
             .par_iter()
