@@ -508,12 +508,17 @@ pub fn bench_train(a: BenchTrainArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The UNet of a model config (`unet:`), or a bare UNet config with the reference's keys.
+fn unet_config(path: &std::path::Path) -> Result<UNetConfig> {
+    match DaviConfig::from_file(path) {
+        Ok(c) => Ok(c.unet),
+        Err(_) => Ok(UNetConfig::from_file(path)?),
+    }
+}
+
 /// `davi-train describe`.
 pub fn describe(a: DescribeArgs) -> Result<ExitCode> {
-    let ucfg = match DaviConfig::from_file(&a.config) {
-        Ok(c) => c.unet,
-        Err(_) => UNetConfig::from_file(&a.config)?,
-    };
+    let ucfg = unet_config(&a.config)?;
     let unet = UNetModel::new(&ucfg)?;
     let (conv, mm) = davi_models::flops::unet_flops(&unet)?;
     println!(
@@ -555,10 +560,7 @@ pub fn images(a: ImagesArgs) -> Result<ExitCode> {
 /// convolutions) filled with small random values instead, so that every parameter matters.
 pub fn init(a: InitArgs) -> Result<ExitCode> {
     use rand::{Rng, SeedableRng};
-    let ucfg = match DaviConfig::from_file(&a.config) {
-        Ok(c) => c.unet,
-        Err(_) => UNetConfig::from_file(&a.config)?,
-    };
+    let ucfg = unet_config(&a.config)?;
     let unet = UNetModel::new(&ucfg)?;
     let params = crate::params::ParamSet::init(&unet, a.seed, Device::Cpu);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed as u64);
