@@ -4,7 +4,8 @@
 #   1. an FFHQ-256 prior (DPS's ffhq_10m.pt config, 93.6 M parameters) written as torch.save
 #      writes it, brought in with `davi-train import`;
 #   2. DAVI steps at batch 1 on the SR x4 config (models/configs/paper/ffhq256-sr4.yaml), on
-#      256 px crops of the scikit-image photos, timed with peak memory;
+#      256 px crops of the scikit-image photos, timed with peak memory, without and with
+#      gradient checkpointing;
 #   3. export, `davi verify` (fp32 parity), `davi degrade` and `davi restore` of 256 px images;
 #   4. guided-diffusion's ImageNet-256 UNet (552.8 M parameters, 2.2 GB) as I_phi: export
 #      through ONNX external data and `davi verify`.
@@ -48,6 +49,14 @@ rm -rf "$OUT/davi"
 timed "DAVI, $STEPS steps at batch 1 (3 UNets of 93.6 M, 2 with AdamW)" \
   $B/davi-train davi --config "$OUT/ffhq256-sr4.yaml" --run "$OUT/davi" --steps "$STEPS" --device cpu
 tail -1 "$OUT/davi/metrics.csv" | awk -F, '{printf "DAVI steps/s at 256 px, batch 1: %s\n", $7}' | tee -a "$FIG"
+
+echo "== 2b. the same step with gradient checkpointing of the UNet blocks (train.davi.checkpointing)"
+sed -e 's|checkpointing: false|checkpointing: true|' "$OUT/ffhq256-sr4.yaml" > "$OUT/ffhq256-sr4-ckpt.yaml"
+grep -q 'checkpointing: true' "$OUT/ffhq256-sr4-ckpt.yaml"
+rm -rf "$OUT/davi-ckpt"
+timed "DAVI with checkpointing, $STEPS steps at batch 1" \
+  $B/davi-train davi --config "$OUT/ffhq256-sr4-ckpt.yaml" --run "$OUT/davi-ckpt" --steps "$STEPS" --device cpu
+tail -1 "$OUT/davi-ckpt/metrics.csv" | awk -F, '{printf "DAVI steps/s with checkpointing: %s\n", $7}' | tee -a "$FIG"
 
 echo "== 3. export, verify, degrade and restore at 256 px"
 timed "export (ONNX + 2 parity pairs through tch)" \

@@ -92,6 +92,18 @@ impl Implicit {
     ) -> Result<B::Tensor> {
         let t: Vec<f32> = steps.iter().map(|&a| a as f32).collect();
         let out = self.unet.forward(b, x_a, &t, None)?; // [N, out_channels, S, S]
+        Ok(self.output_from(b, x_a, steps, out))
+    }
+
+    /// The output map given the network's output `out = F_phi(x_a, a)` [N, out_channels, S, S]
+    /// (computed by the caller, e.g. block by block with gradient checkpointing).
+    pub fn output_from<B: Backend>(
+        &self,
+        b: &B,
+        x_a: &B::Tensor,
+        steps: &[usize],
+        out: B::Tensor,
+    ) -> B::Tensor {
         let f = if self.unet.config.out_channels == self.channels {
             out
         } else {
@@ -106,7 +118,7 @@ impl Implicit {
         } else {
             b.mul(&f, &Self::column(b, &sig))
         };
-        Ok(b.tanh(&b.sub(x_a, &scaled)))
+        b.tanh(&b.sub(x_a, &scaled))
     }
 
     /// One-step restoration, the deployed graph: lift, bridge endpoint at `a = T - 1`

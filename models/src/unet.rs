@@ -455,6 +455,33 @@ impl UNetModel {
         timesteps: &[f32],
         class_emb: Option<&B::Tensor>,
     ) -> Result<B::Tensor> {
+        let emb = self.embed(b, timesteps, class_emb)?;
+        let mut hs = Vec::with_capacity(self.input_blocks.len());
+        let mut h = self.input_block(b, 0, x, &emb)?;
+        hs.push(h);
+        for i in 1..self.input_blocks.len() {
+            h = self.input_block(b, i, hs.last().expect("nonempty"), &emb)?;
+            hs.push(h);
+        }
+        let mut h = self.middle_block(b, hs.last().expect("nonempty"), &emb)?;
+        for i in 0..self.output_blocks.len() {
+            let skip = hs.pop().expect("skip connection");
+            h = self.output_block(b, i, &h, &skip, &emb)?;
+        }
+        self.out(b, &h)
+    }
+
+    // The stages of `forward`, for callers that run it block by block (gradient checkpointing
+    // in training). `forward` is exactly their composition.
+
+    /// The time (and class) embedding after the SiLU that starts every `emb_layers`:
+    /// [N|1, 4 model_channels].
+    pub fn embed<B: Backend>(
+        &self,
+        b: &B,
+        timesteps: &[f32],
+        class_emb: Option<&B::Tensor>,
+    ) -> Result<B::Tensor> {
         let mc = self.config.model_channels;
         let t_emb = b.constant(timestep_embedding(timesteps, mc)); // [N|1, mc]
         let h = b.linear(
@@ -477,21 +504,56 @@ impl UNetModel {
             }
             _ => {}
         }
-        let emb = b.silu(&emb); // every emb_layers starts with SiLU: compute it once
-        let mut hs = Vec::with_capacity(self.input_blocks.len());
-        let mut h = apply_seq(b, &self.input_blocks[0], x, &emb)?;
-        hs.push(h);
-        for block in &self.input_blocks[1..] {
-            h = apply_seq(b, block, hs.last().expect("nonempty"), &emb)?;
-            hs.push(h);
-        }
-        let mut h = apply_seq(b, &self.middle_block, hs.last().expect("nonempty"), &emb)?;
-        for block in &self.output_blocks {
-            let skip = hs.pop().expect("skip connection");
-            let cat = b.concat(&[&h, &skip], 1);
-            h = apply_seq(b, block, &cat, &emb)?;
-        }
-        let h = norm(b, "out.0", &h)?;
+        Ok(b.silu(&emb)) // every emb_layers starts with SiLU: compute it once
+    }
+
+    /// Number of `input_blocks` (and of skip connections).
+    pub fn num_input_blocks(&self) -> usize {
+        self.input_blocks.len()
+    }
+
+    /// Number of `output_blocks`.
+    pub fn num_output_blocks(&self) -> usize {
+        self.output_blocks.len()
+    }
+
+    /// `input_blocks[i]` on `x` (the previous block's output, or the image for `i = 0`).
+    pub fn input_block<B: Backend>(
+        &self,
+        b: &B,
+        i: usize,
+        x: &B::Tensor,
+        emb: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        apply_seq(b, &self.input_blocks[i], x, emb)
+    }
+
+    /// `middle_block` on the last input block's output.
+    pub fn middle_block<B: Backend>(
+        &self,
+        b: &B,
+        h: &B::Tensor,
+        emb: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        apply_seq(b, &self.middle_block, h, emb)
+    }
+
+    /// `output_blocks[i]` on `cat(h, skip)`, `skip` the output of `input_blocks[n - 1 - i]`.
+    pub fn output_block<B: Backend>(
+        &self,
+        b: &B,
+        i: usize,
+        h: &B::Tensor,
+        skip: &B::Tensor,
+        emb: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        let cat = b.concat(&[h, skip], 1);
+        apply_seq(b, &self.output_blocks[i], &cat, emb)
+    }
+
+    /// The head `out`: GroupNorm, SiLU, the zero-initialised 3x3 conv.
+    pub fn out<B: Backend>(&self, b: &B, h: &B::Tensor) -> Result<B::Tensor> {
+        let h = norm(b, "out.0", h)?;
         let h = b.silu(&h);
         conv(b, "out.2", &h, 1, 1)
     }

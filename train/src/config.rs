@@ -32,6 +32,11 @@ pub struct PriorTrain {
     pub seed: u64,
     /// Skip unreadable training files (counted) instead of stopping.
     pub skip_bad_files: bool,
+    /// Gradient checkpointing of the UNet blocks being trained: keeps block outputs only and
+    /// recomputes each block in the backward pass (less memory, about one more forward).
+    pub checkpointing: bool,
+    /// Precision of the matrix products: `f32` (default) or `bf16` (autocast).
+    pub precision: crate::backend::Precision,
 }
 
 impl Default for PriorTrain {
@@ -49,6 +54,8 @@ impl Default for PriorTrain {
             keep: 3,
             seed: 0,
             skip_bad_files: true,
+            checkpointing: false,
+            precision: Default::default(),
         }
     }
 }
@@ -100,6 +107,11 @@ pub struct DaviTrain {
     /// with plain MSE to the truth alone (no IKL, no `s_psi`, no data consistency term): what
     /// the diffusion prior adds beyond DAVI's ground-truth term.
     pub supervised: bool,
+    /// Gradient checkpointing of the UNet blocks being trained: keeps block outputs only and
+    /// recomputes each block in the backward pass (less memory, about one more forward).
+    pub checkpointing: bool,
+    /// Precision of the matrix products: `f32` (default) or `bf16` (autocast).
+    pub precision: crate::backend::Precision,
 }
 
 impl Default for DaviTrain {
@@ -124,6 +136,8 @@ impl Default for DaviTrain {
             supervised: false,
             validate_every: 500,
             validate_n: 256,
+            checkpointing: false,
+            precision: Default::default(),
         }
     }
 }

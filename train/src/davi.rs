@@ -3,7 +3,7 @@
 //! per step, one DSM update of the auxiliary score `s_psi` on fresh samples of `I_phi`, then one
 //! update of `I_phi` on the IKL surrogate + data consistency + supervised term; EMA of `I_phi`.
 
-use crate::backend::TchBackend;
+use crate::backend::{output_map, TchBackend};
 use crate::config::{train_config, DaviTrain};
 use crate::data::{open_config, Split};
 use crate::driver::{drive, finite, Schedule, Trainee};
@@ -116,7 +116,8 @@ impl Trainer {
         let teacher = TchBackend::new(
             teacher.into_iter().map(|(k, v)| (k, v.detach())).collect(),
             device,
-        );
+        )
+        .with_precision(hp.precision);
         if hp.t_ikl == 0 || hp.t_ikl > diffusion.steps() {
             bail!("t_ikl {} must be in 1..={}", hp.t_ikl, diffusion.steps());
         }
@@ -135,6 +136,16 @@ impl Trainer {
             device,
             validation: None,
         })
+    }
+
+    /// A training backend over `params` with the run's precision and checkpointing.
+    fn trainable(&self, params: HashMap<String, Tensor>) -> TchBackend {
+        TchBackend::training(
+            params,
+            self.device,
+            self.hp.precision,
+            self.hp.checkpointing,
+        )
     }
 
     fn const_backend(&self) -> TchBackend {
@@ -175,15 +186,14 @@ impl Trainer {
         // 1. s_psi: DSM on fresh, gradient-free samples of I_phi.
         let a = draw_a(&mut rng);
         let x_hat = tch::no_grad(|| -> Result<Tensor> {
-            let b = TchBackend::new(self.phi.frozen(), self.device);
+            let b = TchBackend::new(self.phi.frozen(), self.device).with_precision(hp.precision);
             let x_a = self
                 .implicit
                 .bridge_sample(&b, x0, &y_lift, &Tensor::randn_like(x0), &a);
             Ok(self.implicit.output_map(&b, &x_a, &a)?)
         })?;
         let t = draw_t(&mut rng);
-        let mut bpsi = TchBackend::new(self.aux_score.handles(), self.device);
-        bpsi.train = true;
+        let bpsi = self.trainable(self.aux_score.handles());
         let eps = Tensor::randn_like(&x_hat);
         let dsm = losses::dsm(
             &self.implicit.unet,
@@ -196,20 +206,20 @@ impl Trainer {
         let dsm_v = finite("s_psi loss", dsm.double_value(&[]), step)?;
         self.aux_score.zero_grad();
         dsm.backward();
+        bpsi.backward_checkpoints()?;
         self.aux_score.clip_grad_norm(hp.grad_clip);
         self.opt_psi.step(&mut self.aux_score);
 
         // 2. phi: IKL surrogate + data consistency + ground-truth term.
         let a = draw_a(&mut rng);
-        let mut bphi = TchBackend::new(self.phi.handles(), self.device);
-        bphi.train = true;
+        let bphi = self.trainable(self.phi.handles());
         let x_a = self
             .implicit
             .bridge_sample(&bphi, x0, &y_lift, &Tensor::randn_like(x0), &a);
-        let x_hat = self.implicit.output_map(&bphi, &x_a, &a)?;
+        let x_hat = output_map(&self.implicit, &bphi, &x_a, &a)?;
         let t = draw_t(&mut rng);
         let eps = Tensor::randn_like(&x_hat);
-        let bp = TchBackend::new(self.aux_score.frozen(), self.device);
+        let bp = TchBackend::new(self.aux_score.frozen(), self.device).with_precision(hp.precision);
         let g = losses::ikl_gradient(
             &self.implicit.unet,
             &self.teacher,
@@ -243,6 +253,7 @@ impl Trainer {
         let total_v = finite("I_phi loss", total.double_value(&[]), step)?;
         self.phi.zero_grad();
         total.backward();
+        bphi.backward_checkpoints()?;
         self.phi.clip_grad_norm(hp.grad_clip);
         self.opt_phi.step(&mut self.phi);
         self.ema.update(&self.phi, step + 1);
@@ -275,16 +286,16 @@ impl Trainer {
     ) -> Result<Terms> {
         let (c, s) = (self.implicit.channels, self.implicit.size);
         let a = draw_a(rng);
-        let mut bphi = TchBackend::new(self.phi.handles(), self.device);
-        bphi.train = true;
+        let bphi = self.trainable(self.phi.handles());
         let x_a = self
             .implicit
             .bridge_sample(&bphi, x0, y_lift, &Tensor::randn_like(x0), &a);
-        let x_hat = self.implicit.output_map(&bphi, &x_a, &a)?;
+        let x_hat = output_map(&self.implicit, &bphi, &x_a, &a)?;
         let mse = (x0 - &x_hat).square().mean(Kind::Float);
         let total = finite("supervised loss", mse.double_value(&[]), step)?;
         self.phi.zero_grad();
         mse.backward();
+        bphi.backward_checkpoints()?;
         self.phi.clip_grad_norm(self.hp.grad_clip);
         self.opt_phi.step(&mut self.phi);
         self.ema.update(&self.phi, step + 1);

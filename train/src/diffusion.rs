@@ -36,7 +36,7 @@ pub fn eps_and_v(
     ts: &[usize],
 ) -> Result<(Tensor, Option<Tensor>)> {
     let t: Vec<f32> = ts.iter().map(|&t| t as f32).collect();
-    let out = unet.forward(b, x_t, &t, None)?;
+    let out = crate::backend::unet_forward(unet, b, x_t, &t, None)?;
     let c = unet.config.in_channels as i64;
     Ok(if out.size()[1] == c {
         (out, None)

@@ -21,6 +21,7 @@ pub mod params;
 pub mod plot;
 pub mod prior;
 pub mod pt;
+pub mod recompute;
 pub mod run;
 pub mod tune;
 

@@ -106,12 +106,17 @@ impl Trainee for PriorTrainer {
             .collect();
         let noise = Tensor::randn_like(x0);
         let x_t = diffusion::q_sample(&self.diffusion, x0, &ts, &noise);
-        let mut b = TchBackend::new(self.params.handles(), self.device);
-        b.train = true;
+        let b = TchBackend::training(
+            self.params.handles(),
+            self.device,
+            self.hp.precision,
+            self.hp.checkpointing,
+        );
         let (loss, extra) = loss(&self.unet, &b, &self.diffusion, x0, &x_t, &ts, &noise)?;
         let lv = finite("loss", loss.double_value(&[]), step)?;
         self.params.zero_grad();
         loss.backward();
+        b.backward_checkpoints()?;
         let gn = self.params.clip_grad_norm(self.hp.grad_clip);
         self.opt.step(&mut self.params);
         self.ema.update(&self.params, step + 1);
