@@ -8,6 +8,16 @@ import re
 import sys
 
 
+METHODS = ("lifted", "davi", "dps", "ddrm", "supervised")
+LABELS = {
+    "lifted": "lifted measurement",
+    "davi": "**DAVI**",
+    "dps": "DPS",
+    "ddrm": "DDRM",
+    "supervised": "supervised control",
+}
+
+
 def rows(path):
     text = open(path).read()
     name = re.search(r"^name: (.+)$", text, re.M).group(1)
@@ -17,17 +27,20 @@ def rows(path):
     ev = m.group(1)
     n = re.search(r"^  n: (\d+)", ev, re.M).group(1)
     out = {}
-    for method in ("lifted", "davi", "dps"):
-        block = re.search(rf"^  {method}:\n((?:    .*\n?)*)", ev, re.M).group(1)
-        vals = dict(re.findall(r"^    (\w+): (.+)$", block, re.M))
+    for method in METHODS:
+        block = re.search(rf"^  {method}:\n((?:    .*\n?)*)", ev, re.M)
+        if block is None:
+            continue  # a method this card's evaluation did not run
+        vals = dict(re.findall(r"^    (\w+): (.+)$", block.group(1), re.M))
         vals.setdefault("n", n if method != "dps" else "")
         out[method] = vals
     # Every method on the same images, when the card has it (`eval.paired`).
     p = re.search(r"^  paired:\n((?:    .*\n?)*)", ev, re.M)
     if p:
-        for method in ("lifted", "davi", "dps"):
-            block = re.search(rf"^    {method}:\n((?:      .*\n?)*)", p.group(1), re.M).group(1)
-            out["paired " + method] = dict(re.findall(r"^      (\w+): (.+)$", block, re.M))
+        for method in METHODS:
+            block = re.search(rf"^    {method}:\n((?:      .*\n?)*)", p.group(1), re.M)
+            if block is not None:
+                out["paired " + method] = dict(re.findall(r"^      (\w+): (.+)$", block.group(1), re.M))
     return name, n, out
 
 
@@ -46,18 +59,19 @@ def pm(v, key, spec):
 
 
 def main():
-    print("| model | method | images | PSNR (dB) | SSIM | network evaluations | seconds / image (2 CPU cores) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | method | images | PSNR (dB) | SSIM | FID / KID | network evaluations | seconds / image (2 CPU cores) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for card in sorted(glob.glob("models/zoo/*/card.yaml")):
         r = rows(card)
         if r is None:
             continue
         name, n, ev = r
-        labels = [("lifted", "lifted measurement"), ("davi", "**DAVI**"), ("dps", "DPS")]
-        labels += [("paired " + m, "paired: " + l) for m, l in labels if "paired " + m in ev]
+        labels = [(m, LABELS[m]) for m in METHODS if m in ev]
+        labels += [("paired " + m, "paired: " + LABELS[m]) for m in METHODS if "paired " + m in ev]
         for method, label in labels:
             v = ev[method]
-            print(f"| {name} | {label} | {v.get('n', '')} | {pm(v, 'psnr', '.2f')} | {pm(v, 'ssim', '.4f')} | {v['nfe']} | {fmt(v['seconds_per_image'], '.4f')} |")
+            perceptual = (f"FID {fmt(v['fid'], '.2f')}" if "fid" in v else "") + (f"KID {fmt(v['kid'], '.4f')}" if "kid" in v else "")
+            print(f"| {name} | {label} | {v.get('n', '')} | {pm(v, 'psnr', '.2f')} | {pm(v, 'ssim', '.4f')} | {perceptual} | {v['nfe']} | {fmt(v['seconds_per_image'], '.4f')} |")
     return 0
 
 

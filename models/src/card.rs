@@ -16,6 +16,12 @@ pub struct DiffusionConfig {
     /// Number of steps `T`.
     #[serde(default = "thousand")]
     pub steps: usize,
+    /// The bridge's own beta schedule (absent: the prior's `schedule`, as the models shipped
+    /// before it existed). The official code's bridge is `i2sb`: its symmetric betas give
+    /// `sigma_fwd(T-1) = 1.48` where the linear ones give 2.25, and its `alpha_bar` sets the
+    /// perturbation `h (1 - alpha_bar_a)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge_schedule: Option<BetaSchedule>,
 }
 
 impl Default for DiffusionConfig {
@@ -23,6 +29,7 @@ impl Default for DiffusionConfig {
         Self {
             schedule: BetaSchedule::Linear,
             steps: 1000,
+            bridge_schedule: None,
         }
     }
 }
@@ -221,6 +228,12 @@ pub struct EvalTable {
     /// Every method on the same images (those DPS ran on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paired: Option<PairedTable>,
+    /// DDRM (20 steps) with the same prior, when run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ddrm: Option<EvalRow>,
+    /// The supervised control (same network, plain MSE), when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervised: Option<EvalRow>,
 }
 
 /// `eval.paired:` of a model card: every method scored on the same images.
@@ -234,6 +247,12 @@ pub struct PairedTable {
     pub dps: EvalRow,
     /// The lifted measurement.
     pub lifted: EvalRow,
+    /// DDRM, when run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ddrm: Option<EvalRow>,
+    /// The supervised control, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervised: Option<EvalRow>,
 }
 
 /// `card.yaml` of a shipped model.

@@ -27,7 +27,11 @@ impl Implicit {
     /// Builds `I_phi` from a model config.
     pub fn new(cfg: &DaviConfig) -> Result<Self> {
         let unet = UNetModel::new(&cfg.unet)?;
-        let diffusion = Diffusion::new(cfg.diffusion.schedule, cfg.diffusion.steps);
+        let bridge_schedule = cfg
+            .diffusion
+            .bridge_schedule
+            .unwrap_or(cfg.diffusion.schedule);
+        let diffusion = Diffusion::new(bridge_schedule, cfg.diffusion.steps);
         let channels = cfg.unet.in_channels;
         let size = cfg.unet.image_size;
         let task = cfg.task()?;
@@ -142,5 +146,40 @@ impl Implicit {
             b.add(&y_lift, &b.scale(noise, c.noise_scale as f32))
         };
         self.output_map(b, &x_a, &[a])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::BetaSchedule;
+
+    fn config(bridge: &str) -> DaviConfig {
+        serde_yaml::from_str(&format!(
+            "name: t\nunet: {{image_size: 16, in_channels: 1, model_channels: 32, out_channels: 1, \
+             num_res_blocks: 1, channel_mult: [1]}}\ndiffusion: {{schedule: linear, steps: 1000{bridge}}}\n\
+             task: {{operator: {{task: denoise}}, sigma_y: 0.1, h: 0.1}}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_bridge_has_its_own_schedule_when_the_config_names_one() {
+        let old = Implicit::new(&config("")).unwrap();
+        let i2sb = Implicit::new(&config(", bridge_schedule: i2sb")).unwrap();
+        let lin = Bridge::new(&Diffusion::new(BetaSchedule::Linear, 1000));
+        let want = Bridge::new(&Diffusion::new(BetaSchedule::I2sb, 1000));
+        let last = |b: &Bridge| b.coeffs(999, 0.1);
+        assert_eq!(
+            last(&old.bridge),
+            last(&lin),
+            "absent: the prior's schedule"
+        );
+        assert_eq!(last(&i2sb.bridge), last(&want));
+        // The official bridge's output scale: sqrt of the symmetric i2sb betas' sum.
+        let b = BetaSchedule::I2sb.betas(1000);
+        let s = 2.0 * b[..500].iter().sum::<f64>();
+        assert!((last(&i2sb.bridge).sigma_fwd - s.sqrt()).abs() < 1e-12);
+        assert!(last(&i2sb.bridge).sigma_fwd < last(&lin).sigma_fwd);
     }
 }

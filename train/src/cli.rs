@@ -137,6 +137,14 @@ pub struct EvalArgs {
     /// The Fashion-MNIST classifier (`davi-train classifier`): FID and KID on its features.
     #[arg(long)]
     pub features: Option<PathBuf>,
+    /// DDRM steps with the teacher on all n images (0: skip); eta 0.85, eta_b 1 as the
+    /// official code.
+    #[arg(long, default_value_t = 20)]
+    pub ddrm_steps: usize,
+    /// The supervised control's checkpoint (same config, plain MSE; `train.davi.supervised`),
+    /// scored on the same measurements.
+    #[arg(long)]
+    pub supervised: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: Device,
@@ -403,6 +411,8 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
         batch: a.batch,
         samples: a.samples,
         features: a.features,
+        ddrm_steps: a.ddrm_steps,
+        supervised: a.supervised,
     };
     let r = crate::eval::eval(&args)?;
     print!("{}", crate::eval::markdown(&r));

@@ -77,8 +77,13 @@ pub struct DaviTrain {
     pub ema: f64,
     /// Total steps.
     pub steps: usize,
-    /// IKL timesteps are drawn from `0..t_ikl`.
+    /// IKL timesteps are drawn from `0..t_ikl` (in steps of the schedule `t_ikl_schedule` names).
     pub t_ikl: usize,
+    /// What `t_ikl` counts: `teacher` steps (the default), or `bridge` steps as in the official
+    /// scripts, whose teacher is queried with the bridge's (i2sb) `alpha_bar`: the IKL then
+    /// draws teacher steps up to the same noise level, `alpha_bar_teacher(t) >=
+    /// alpha_bar_bridge(t_ikl - 1)` (official 400 draws linear teacher steps 0..244).
+    pub t_ikl_schedule: TIklSchedule,
     /// Weight of the data-consistency term.
     pub weight_con: f64,
     /// Weight of the supervised term.
@@ -124,6 +129,7 @@ impl Default for DaviTrain {
             ema: 0.9999,
             steps: 2000,
             t_ikl: 1000,
+            t_ikl_schedule: TIklSchedule::Teacher,
             weight_con: 0.5,
             reg_coeff: 1.0,
             grad_clip: 0.0,
@@ -154,11 +160,71 @@ pub struct TrainConfig {
     pub davi: Option<DaviTrain>,
 }
 
+/// What `train.davi.t_ikl` counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TIklSchedule {
+    /// Steps of the teacher's schedule.
+    #[default]
+    Teacher,
+    /// Steps of the bridge's schedule, mapped to the teacher's step of equal noise level.
+    Bridge,
+}
+
+/// The teacher steps `0..k` the IKL draws from, for `t_ikl` counted on `counted`: with
+/// `Bridge`, `k` is the number of teacher steps whose `alpha_bar` is at least the bridge's
+/// `alpha_bar` at `t_ikl - 1` (at least 1).
+pub fn ikl_steps(
+    t_ikl: usize,
+    counted: TIklSchedule,
+    teacher: &davi_models::schedule::Diffusion,
+    bridge: &davi_models::schedule::Diffusion,
+) -> usize {
+    match counted {
+        TIklSchedule::Teacher => t_ikl,
+        TIklSchedule::Bridge => {
+            let level = bridge.alphas_cumprod[t_ikl.clamp(1, bridge.steps()) - 1];
+            let k = teacher
+                .alphas_cumprod
+                .iter()
+                .take_while(|&&ab| ab >= level)
+                .count();
+            k.max(1)
+        }
+    }
+}
+
 /// The typed `train:` section of `cfg` (defaults when absent).
 pub fn train_config(cfg: &DaviConfig) -> Result<TrainConfig> {
     match &cfg.train {
         None => Ok(TrainConfig::default()),
         Some(v) => serde_yaml::from_value(v.clone())
             .with_context(|| format!("config '{}': bad train section", cfg.name)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use davi_models::schedule::{BetaSchedule, Diffusion};
+
+    #[test]
+    fn t_ikl_in_bridge_steps_keeps_its_noise_level_on_the_teacher() {
+        let lin = Diffusion::new(BetaSchedule::Linear, 1000);
+        let i2sb = Diffusion::new(BetaSchedule::I2sb, 1000);
+        assert_eq!(ikl_steps(400, TIklSchedule::Teacher, &lin, &i2sb), 400);
+        // Same schedule on both sides: nothing changes.
+        for t in [1, 400, 1000] {
+            assert_eq!(ikl_steps(t, TIklSchedule::Bridge, &lin, &lin), t);
+        }
+        for t in [100, 400, 1000] {
+            let k = ikl_steps(t, TIklSchedule::Bridge, &lin, &i2sb);
+            let level = i2sb.alphas_cumprod[t - 1];
+            // The last teacher step drawn is no noisier than the official level, the next is.
+            assert!(lin.alphas_cumprod[k - 1] >= level, "{t}: {k}");
+            assert!(k == 1000 || lin.alphas_cumprod[k] < level, "{t}: {k}");
+            // The i2sb betas start smaller: the same noise comes earlier on the linear schedule.
+            assert!(k < t, "{t}: {k}");
+        }
     }
 }

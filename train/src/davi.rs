@@ -121,6 +121,23 @@ impl Trainer {
         if hp.t_ikl == 0 || hp.t_ikl > diffusion.steps() {
             bail!("t_ikl {} must be in 1..={}", hp.t_ikl, diffusion.steps());
         }
+        let bridge_diffusion = Diffusion::new(
+            cfg.diffusion
+                .bridge_schedule
+                .unwrap_or(cfg.diffusion.schedule),
+            cfg.diffusion.steps,
+        );
+        let mut hp = hp;
+        let k =
+            crate::config::ikl_steps(hp.t_ikl, hp.t_ikl_schedule, &diffusion, &bridge_diffusion);
+        if k != hp.t_ikl {
+            tracing::info!(
+                "t_ikl {} counts bridge steps: the IKL draws teacher steps 0..{k} (same noise level)",
+                hp.t_ikl
+            );
+        }
+        hp.t_ikl = k;
+        hp.t_ikl_schedule = crate::config::TIklSchedule::Teacher;
         Ok(Self {
             implicit,
             diffusion,
@@ -387,7 +404,18 @@ impl Trainee for Trainer {
             return Ok(None);
         };
         let b = TchBackend::new(self.ema.handles(), self.device);
-        let out = tch::no_grad(|| self.implicit.restore(&b, y, z))?;
+        // In chunks of the training batch: memory stays that of a training step (256 px
+        // images at once would not fit).
+        let (n, k) = (y.size()[0], self.hp.batch_size.max(1) as i64);
+        let mut outs = Vec::new();
+        for start in (0..n).step_by(k as usize) {
+            let m = k.min(n - start);
+            outs.push(tch::no_grad(|| {
+                self.implicit
+                    .restore(&b, &y.narrow(0, start, m), &z.narrow(0, start, m))
+            })?);
+        }
+        let out = Tensor::cat(&outs, 0);
         Ok(Some(crate::eval::mean_psnr_ssim(&out, x0).0))
     }
 }

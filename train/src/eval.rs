@@ -6,6 +6,7 @@ use crate::backend::{array_from_tensor, TchBackend};
 use crate::config::train_config;
 use crate::data::{Dataset, Split};
 use crate::davi::measure;
+use crate::ddrm::{self, Ddrm, Svd};
 use crate::dps::{self, Dps};
 use crate::{checkpoint, plot, run::write_atomic};
 use anyhow::{Context, Result};
@@ -47,6 +48,11 @@ pub struct EvalArgs {
     pub samples: usize,
     /// The Fashion-MNIST classifier's weights: FID (full runs) and KID (paired) on its features.
     pub features: Option<PathBuf>,
+    /// DDRM steps (0: skip), on all `n` images with the teacher.
+    pub ddrm_steps: usize,
+    /// The supervised control's checkpoint (same network, plain MSE), scored on the same
+    /// measurements and noise as DAVI.
+    pub supervised: Option<PathBuf>,
 }
 
 /// One method's scores.
@@ -117,6 +123,10 @@ pub struct Report {
     pub lifted: MethodScores,
     /// DPS (on the first `dps.n` images, `dps.nfe` steps).
     pub dps: MethodScores,
+    /// DDRM (all images, `ddrm.nfe` steps; n = 0 when not run).
+    pub ddrm: MethodScores,
+    /// The supervised control (n = 0 when not given).
+    pub supervised: MethodScores,
     /// Posterior samples of DAVI.
     pub samples: Option<SampleSpread>,
     /// Every method on the images DPS ran on (absent without DPS).
@@ -136,6 +146,10 @@ pub struct Paired {
     pub lifted: MethodScores,
     /// DPS.
     pub dps: MethodScores,
+    /// DDRM.
+    pub ddrm: MethodScores,
+    /// The supervised control.
+    pub supervised: MethodScores,
 }
 
 fn scores(pred: &Array4<f32>, truth: &Array4<f32>, nfe: usize, secs: f64) -> MethodScores {
@@ -180,6 +194,8 @@ struct DaviRun {
     y: Tensor,
     lifted: Tensor,
     restored: Tensor,
+    /// The bridge noise of each restoration (reused by the supervised control).
+    z: Tensor,
     seconds: f64,
 }
 
@@ -203,7 +219,8 @@ fn run_davi(
         Ok(())
     })?;
     tch::manual_seed(4321);
-    let (mut xs, mut ys, mut lifts, mut outs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut xs, mut ys, mut lifts, mut outs, mut zs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut seconds = 0.0;
     for start in (0..n).step_by(batch) {
         let m = batch.min(n - start);
@@ -211,26 +228,28 @@ fn run_davi(
         let x0 = Tensor::from_slice(&ds.batch(&idx)?)
             .reshape([m as i64, c as i64, s as i64, s as i64])
             .to_device(device);
-        let (y, lifted, out, secs) = tch::no_grad(|| -> Result<_> {
+        let (y, lifted, out, z, secs) = tch::no_grad(|| -> Result<_> {
             let y = measure(&implicit.operator, bphi, &x0, c, s, sigma_y).clamp(-1.0, 1.0);
             let lifted = implicit.operator.lift(bphi, &y, c, s).clamp(-1.0, 1.0);
             let z = Tensor::randn_like(&x0);
             let t = Instant::now();
             let out = implicit.restore(bphi, &y, &z)?;
             let _ = out.sum(Kind::Float).double_value(&[]); // synchronise before timing
-            Ok((y, lifted, out, t.elapsed().as_secs_f64()))
+            Ok((y, lifted, out, z, t.elapsed().as_secs_f64()))
         })?;
         seconds += secs;
         xs.push(x0);
         ys.push(y);
         lifts.push(lifted);
         outs.push(out);
+        zs.push(z);
     }
     Ok(DaviRun {
         x: Tensor::cat(&xs, 0),
         y: Tensor::cat(&ys, 0),
         lifted: Tensor::cat(&lifts, 0),
         restored: Tensor::cat(&outs, 0),
+        z: Tensor::cat(&zs, 0),
         seconds,
     })
 }
@@ -271,6 +290,68 @@ fn run_dps(
     Ok((scores(&arr4(&o), &truth, nfe, secs), o))
 }
 
+/// DDRM with the teacher on every measurement of `run`: scores and images.
+fn run_ddrm(
+    implicit: &Implicit,
+    teacher: &TchBackend,
+    diff: &Diffusion,
+    run: &DaviRun,
+    sigma_y: f64,
+    args: &EvalArgs,
+) -> Result<(MethodScores, Tensor)> {
+    let (c, s) = (implicit.channels, implicit.size);
+    let svd = Svd::of(&implicit.operator, c, s, args.device)?;
+    let cfg = Ddrm {
+        steps: args.ddrm_steps,
+        ..Default::default()
+    };
+    let n = run.x.size()[0] as usize;
+    let (mut outs, mut nfe) = (Vec::new(), 0);
+    let t = Instant::now();
+    for start in (0..n).step_by(args.batch) {
+        let m = args.batch.min(n - start);
+        let y = run.y.narrow(0, start as i64, m as i64);
+        let (o, k) = ddrm::restore(
+            &implicit.unet,
+            teacher,
+            diff,
+            &svd,
+            &y,
+            sigma_y,
+            &cfg,
+            77 + start as i64,
+        )?;
+        nfe = k;
+        outs.push(o);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let o = Tensor::cat(&outs, 0);
+    Ok((scores(&arr4(&o), &arr4(&run.x), nfe, secs), o))
+}
+
+/// The supervised control's `I_phi` on DAVI's measurements and noise: scores and images.
+fn run_supervised(
+    implicit: &Implicit,
+    path: &Path,
+    run: &DaviRun,
+    args: &EvalArgs,
+) -> Result<(MethodScores, Tensor)> {
+    let b = checkpoint::load_backend(path, &implicit.unet, args.device)?;
+    let n = run.x.size()[0] as usize;
+    let mut outs = Vec::new();
+    let t = Instant::now();
+    for start in (0..n).step_by(args.batch) {
+        let m = args.batch.min(n - start) as i64;
+        let (st, y, z) = (start as i64, &run.y, &run.z);
+        outs.push(tch::no_grad(|| {
+            implicit.restore(&b, &y.narrow(0, st, m), &z.narrow(0, st, m))
+        })?);
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let o = Tensor::cat(&outs, 0);
+    Ok((scores(&arr4(&o), &arr4(&run.x), 1, secs), o))
+}
+
 /// The spread of `k` DAVI posterior samples of the first 64 measurements, and their data
 /// consistency against the truth's.
 fn sample_spread(
@@ -307,15 +388,23 @@ fn sample_spread(
     })
 }
 
-/// The contact sheet: lifted measurement | DAVI | DPS | truth, first 8 images, 3x magnified.
-fn write_sheet(run: &DaviRun, dps: Option<&Tensor>, c: usize, s: usize, path: &Path) -> Result<()> {
+/// The contact sheet: lifted measurement | DAVI | DPS | DDRM | supervised control | truth (the
+/// methods that ran), first 8 images, 3x magnified.
+fn write_sheet(
+    run: &DaviRun,
+    others: &[Option<&Tensor>],
+    c: usize,
+    s: usize,
+    path: &Path,
+) -> Result<()> {
     let n = run.x.size()[0];
-    let rows = 8.min(n).min(dps.map_or(n, |d| d.size()[0]));
+    let others: Vec<&Tensor> = others.iter().flatten().copied().collect();
+    let rows = others.iter().fold(8.min(n), |r, d| r.min(d.size()[0]));
     let mut cols = vec![
         run.lifted.narrow(0, 0, rows),
         run.restored.narrow(0, 0, rows),
     ];
-    if let Some(d) = dps {
+    for d in others {
         cols.push(d.narrow(0, 0, rows));
     }
     cols.push(run.x.narrow(0, 0, rows));
@@ -371,18 +460,41 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
     } else {
         (MethodScores::not_run(), None)
     };
-    // DAVI and the lifted measurement on exactly the images DPS ran on.
+    let (ddrm_scores, ddrm_imgs) = if args.ddrm_steps > 0 && !teacher_path.is_empty() {
+        let teacher =
+            checkpoint::load_backend(Path::new(&teacher_path), &implicit.unet, args.device)?;
+        let (sc, imgs) = run_ddrm(&implicit, &teacher, &diff, &run, task.sigma_y, args)?;
+        (sc, Some(imgs))
+    } else {
+        (MethodScores::not_run(), None)
+    };
+    let (sup_scores, sup_imgs) = match &args.supervised {
+        Some(p) => {
+            let (sc, imgs) = run_supervised(&implicit, p, &run, args)?;
+            (sc, Some(imgs))
+        }
+        None => (MethodScores::not_run(), None),
+    };
+    // Every method on exactly the images DPS ran on.
     let paired = dps_imgs.as_ref().map(|_| {
         let first = |t: &Tensor| arr4(&t.narrow(0, 0, dps_n as i64));
         let truth = first(&run.x);
+        let per = |m: &MethodScores| m.seconds_per_image * dps_n as f64;
         let per_image = run.seconds / n.max(1) as f64;
+        let sub = |imgs: &Option<Tensor>, m: &MethodScores| match imgs {
+            Some(t) => scores(&first(t), &truth, m.nfe, per(m)),
+            None => MethodScores::not_run(),
+        };
         Paired {
             davi: scores(&first(&run.restored), &truth, 1, per_image * dps_n as f64),
             lifted: scores(&first(&run.lifted), &truth, 0, 0.0),
             dps: dps_scores.clone(),
+            ddrm: sub(&ddrm_imgs, &ddrm_scores),
+            supervised: sub(&sup_imgs, &sup_scores),
         }
     });
     let (mut davi, mut lifted, mut paired) = (davi, lifted, paired);
+    let (mut ddrm_scores, mut sup_scores) = (ddrm_scores, sup_scores);
     if let Some(path) = &args.features {
         if (implicit.channels, implicit.size) != (1, 32) {
             anyhow::bail!("--features: the classifier takes 32x32 grey images (Fashion-MNIST)");
@@ -392,12 +504,24 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
         let truth = f(&run.x);
         davi.fid = Some(crate::features::fid(&f(&run.restored), &truth));
         lifted.fid = Some(crate::features::fid(&f(&run.lifted), &truth));
+        if let Some(o) = &ddrm_imgs {
+            ddrm_scores.fid = Some(crate::features::fid(&f(o), &truth));
+        }
+        if let Some(o) = &sup_imgs {
+            sup_scores.fid = Some(crate::features::fid(&f(o), &truth));
+        }
         if let (Some(p), Some(d)) = (paired.as_mut(), dps_imgs.as_ref()) {
             let m = dps_n as i64;
             let t = truth.narrow(0, 0, m);
             p.davi.kid = Some(crate::features::kid(&f(&run.restored.narrow(0, 0, m)), &t));
             p.lifted.kid = Some(crate::features::kid(&f(&run.lifted.narrow(0, 0, m)), &t));
             p.dps.kid = Some(crate::features::kid(&f(d), &t));
+            if let Some(o) = &ddrm_imgs {
+                p.ddrm.kid = Some(crate::features::kid(&f(&o.narrow(0, 0, m)), &t));
+            }
+            if let Some(o) = &sup_imgs {
+                p.supervised.kid = Some(crate::features::kid(&f(&o.narrow(0, 0, m)), &t));
+            }
         }
     }
     let samples = (args.samples > 1)
@@ -409,6 +533,8 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
         davi,
         lifted,
         dps: dps_scores,
+        ddrm: ddrm_scores,
+        supervised: sup_scores,
         samples,
         paired,
         dps_zeta: args.dps_zeta,
@@ -422,7 +548,13 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
     )?;
     write_atomic(&args.out.join("eval.md"), markdown(&report).as_bytes())?;
     let (c, s) = (implicit.channels, implicit.size);
-    write_sheet(&run, dps_imgs.as_ref(), c, s, &args.out.join("sheet.png"))?;
+    write_sheet(
+        &run,
+        &[dps_imgs.as_ref(), ddrm_imgs.as_ref(), sup_imgs.as_ref()],
+        c,
+        s,
+        &args.out.join("sheet.png"),
+    )?;
     if let Some(card_path) = &args.card {
         update_card(card_path, &args.checkpoint, &cfg, &report)?;
     }
@@ -455,6 +587,12 @@ pub fn markdown(r: &Report) -> String {
     if r.dps.n > 0 {
         s += &row(&format!("DPS ({} steps)", r.dps.nfe), &r.dps);
     }
+    if r.ddrm.n > 0 {
+        s += &row(&format!("DDRM ({} steps)", r.ddrm.nfe), &r.ddrm);
+    }
+    if r.supervised.n > 0 {
+        s += &row("supervised control", &r.supervised);
+    }
     if let Some(p) = &r.paired {
         s += &format!(
             "\nPaired, on the {} images DPS ran on:\n\n| method | images | PSNR (dB) | SSIM | FID | KID | network evaluations | seconds / image |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -463,6 +601,12 @@ pub fn markdown(r: &Report) -> String {
         s += &row("lifted measurement", &p.lifted);
         s += &row("DAVI", &p.davi);
         s += &row(&format!("DPS ({} steps)", p.dps.nfe), &p.dps);
+        if p.ddrm.n > 0 {
+            s += &row(&format!("DDRM ({} steps)", p.ddrm.nfe), &p.ddrm);
+        }
+        if p.supervised.n > 0 {
+            s += &row("supervised control", &p.supervised);
+        }
     }
     if let Some(k) = &r.samples {
         s += &format!(
@@ -523,11 +667,15 @@ fn update_card(path: &Path, checkpoint: &Path, cfg: &DaviConfig, r: &Report) -> 
         dps: row(&r.dps),
         lifted: row(&r.lifted),
         dps_zeta: (r.dps.n > 0).then_some(r.dps_zeta),
+        ddrm: (r.ddrm.n > 0).then(|| row(&r.ddrm)),
+        supervised: (r.supervised.n > 0).then(|| row(&r.supervised)),
         paired: r.paired.as_ref().map(|p| PairedTable {
             n: p.dps.n,
             davi: row(&p.davi),
             dps: row(&p.dps),
             lifted: row(&p.lifted),
+            ddrm: (p.ddrm.n > 0).then(|| row(&p.ddrm)),
+            supervised: (p.supervised.n > 0).then(|| row(&p.supervised)),
         }),
     });
     write_atomic(path, serde_yaml::to_string(&card)?.as_bytes())

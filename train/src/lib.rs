@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod davi;
+pub mod ddrm;
 pub mod device;
 pub mod diffusion;
 pub mod dps;

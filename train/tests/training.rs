@@ -624,15 +624,23 @@ fn eval_scores_every_method_on_the_same_images_and_writes_them_to_the_card() {
         batch: 4,
         samples: 0,
         features: Some(root.join("models/zoo/fmnist-classifier/weights.safetensors")),
+        ddrm_steps: 4,
+        // The model itself as the "control": same measurements and noise give the same scores.
+        supervised: Some(root.join("models/zoo/fmnist32-sr4/model.onnx")),
     };
     let r = davi_train::eval::eval(&args).unwrap();
+    assert_eq!((r.ddrm.n, r.ddrm.nfe), (8, 4));
+    assert!(r.ddrm.psnr.is_finite() && r.ddrm.fid.is_some());
+    assert_eq!(r.supervised.psnr, r.davi.psnr);
     // FID on the full runs, KID on the paired ones, from the shipped classifier's features.
     assert!(r.davi.fid.is_some_and(f64::is_finite) && r.lifted.fid.is_some());
     let pk = r.paired.as_ref().unwrap();
     assert!(pk.dps.kid.is_some_and(f64::is_finite) && pk.davi.kid.is_some());
     assert_eq!((r.davi.n, r.lifted.n, r.dps.n), (8, 8, 3));
     let p = r.paired.expect("paired scores with DPS");
-    assert_eq!((p.davi.n, p.lifted.n, p.dps.n), (3, 3, 3));
+    assert_eq!((p.davi.n, p.lifted.n, p.dps.n, p.ddrm.n), (3, 3, 3, 3));
+    assert!(p.ddrm.kid.is_some() && p.supervised.kid.is_some());
+    assert_eq!(p.supervised.psnr, p.davi.psnr);
     assert_eq!(p.dps.psnr, r.dps.psnr);
     assert!(p.davi.psnr_ci95.is_finite() && p.davi.psnr_ci95 > 0.0);
     let c: davi_models::card::ModelCard =
@@ -642,6 +650,9 @@ fn eval_scores_every_method_on_the_same_images_and_writes_them_to_the_card() {
     assert_eq!(paired.n, 3);
     assert_eq!(paired.davi.n, Some(3));
     assert_eq!(e.davi.psnr_ci95, Some(r.davi.psnr_ci95));
+    assert_eq!(e.ddrm.as_ref().map(|d| d.nfe), Some(4));
+    assert_eq!(paired.ddrm.and_then(|d| d.n), Some(3));
+    assert!(e.supervised.is_some() && paired.supervised.is_some());
 }
 
 #[test]
