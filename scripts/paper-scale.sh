@@ -43,7 +43,7 @@ echo "== 2. DAVI on SR x4 at 256 px, batch 1, $STEPS steps"
 # The paper config, on 256 px crops of the scikit-image photos (astronaut held out) and this prior.
 sed -e '/^data:/,/^train:/{/^train:/!d}' -e "s|^train:|data:\n  kind: photos\n  test_photos: [astronaut]\n  downscale: 1\ntrain:|" \
     -e "s|teacher: .*|teacher: $OUT/ffhq256.safetensors|" -e 's|batch_size: .*|batch_size: 1|' \
-    -e 's|checkpoint_every: .*|checkpoint_every: 1000|' \
+    -e 's|checkpoint_every: .*|checkpoint_every: 1000\n    validate_every: 0|' \
     models/configs/paper/ffhq256-sr4.yaml > "$OUT/ffhq256-sr4.yaml"
 rm -rf "$OUT/davi"
 timed "DAVI, $STEPS steps at batch 1 (3 UNets of 93.6 M, 2 with AdamW)" \

@@ -35,7 +35,8 @@ pub struct PriorTrain {
     /// Gradient checkpointing of the UNet blocks being trained: keeps block outputs only and
     /// recomputes each block in the backward pass (less memory, about one more forward).
     pub checkpointing: bool,
-    /// Precision of the matrix products: `f32` (default) or `bf16` (autocast).
+    /// Precision of the matrix products of the networks being trained: `f32` (default) or
+    /// `bf16` (autocast); gradient-free forwards (teacher, IKL) stay f32.
     pub precision: crate::backend::Precision,
 }
 

@@ -113,11 +113,13 @@ impl Trainer {
             )?),
             None => None,
         };
+        // The frozen networks stay in f32 whatever `precision` says: the IKL gradient is the
+        // difference of two close predictions, which bf16 rounding could swamp; they keep no
+        // activations, so low precision would save no memory there.
         let teacher = TchBackend::new(
             teacher.into_iter().map(|(k, v)| (k, v.detach())).collect(),
             device,
-        )
-        .with_precision(hp.precision);
+        );
         if hp.t_ikl == 0 || hp.t_ikl > diffusion.steps() {
             bail!("t_ikl {} must be in 1..={}", hp.t_ikl, diffusion.steps());
         }
@@ -203,7 +205,7 @@ impl Trainer {
         // 1. s_psi: DSM on fresh, gradient-free samples of I_phi.
         let a = draw_a(&mut rng);
         let x_hat = tch::no_grad(|| -> Result<Tensor> {
-            let b = TchBackend::new(self.phi.frozen(), self.device).with_precision(hp.precision);
+            let b = TchBackend::new(self.phi.frozen(), self.device);
             let x_a = self
                 .implicit
                 .bridge_sample(&b, x0, &y_lift, &Tensor::randn_like(x0), &a);
@@ -236,7 +238,7 @@ impl Trainer {
         let x_hat = output_map(&self.implicit, &bphi, &x_a, &a)?;
         let t = draw_t(&mut rng);
         let eps = Tensor::randn_like(&x_hat);
-        let bp = TchBackend::new(self.aux_score.frozen(), self.device).with_precision(hp.precision);
+        let bp = TchBackend::new(self.aux_score.frozen(), self.device);
         let g = losses::ikl_gradient(
             &self.implicit.unet,
             &self.teacher,

@@ -7,7 +7,13 @@
 //! applies `H` to the standard basis and decomposes the result. The blur is decomposed as the
 //! official `Deblurring` does it, through the SVD of its 1-D convolution matrix with singular
 //! values below `3e-2` set to zero; inpainting keeps only the observed pixels' singular values,
-//! as the official `Inpainting` does.
+//! as the official `Inpainting` does. (For colour blur the official `Deblurring` lists its
+//! singular values channel by channel while its `Vt` interleaves channels per pixel; ours pairs
+//! each component with its own value.) Dense matrices limit this to small images
+//! ([`MAX_DIM`]); larger ones need the official structured decompositions.
+//!
+//! The measurement is the one every method of `davi-train eval` sees: noise of `sigma_0`, then
+//! clipped to [-1, 1] as an image file is (the official DDRM does not clip).
 
 use crate::backend::TchBackend;
 use crate::diffusion::eps;
@@ -37,6 +43,9 @@ impl Default for Ddrm {
     }
 }
 
+/// The largest image (`C S^2` values) the dense decomposition takes: 64x64 RGB.
+pub const MAX_DIM: usize = 3 * 64 * 64;
+
 /// `H = U diag(s) V^T` of an operator on [C, S, S] images, as dense matrices.
 pub struct Svd {
     /// [m, m], columns the left singular vectors (over the flattened measurement).
@@ -50,6 +59,11 @@ pub struct Svd {
 impl Svd {
     /// The decomposition of `op` on [c, s, s] images.
     pub fn of(op: &Operator, c: usize, s: usize, device: Device) -> Result<Self> {
+        if c * s * s > MAX_DIM {
+            bail!(
+                "DDRM: {c}x{s}x{s} images are too large for the dense decomposition (at most {MAX_DIM} values)"
+            );
+        }
         let b = TchBackend::new(Default::default(), Device::Cpu);
         let svd = match *op {
             Operator::Deblur { .. } => Self::separable_blur(op, &b, c, s)?,
@@ -304,6 +318,11 @@ mod tests {
                 .double_value(&[]);
             assert!(e < 1e-4, "{task}: V not orthogonal ({e})");
         }
+        // Too large for dense matrices: a clear error, not an allocation of n^2 floats.
+        let e = Svd::of(&Operator::Denoise, 3, 256, Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("too large"), "{e}");
         let inpaint = Svd::of(&Operator::Inpaint { box_size: 8 }, 1, 16, Device::Cpu).unwrap();
         assert_eq!(
             inpaint.s.size()[0],

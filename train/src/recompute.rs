@@ -15,6 +15,10 @@
 //! forward draws each block's mask from its own seed and the recompute replays it, so the
 //! gradients are those of the forward that was run. Without dropout nothing random is drawn and a
 //! checkpointed run is equal to a plain one.
+//!
+//! The network's input and class embedding keep their own graphs; the tape back-propagates into
+//! them once, after the caller's backward, so the caller's loss must not also reach them through
+//! an op that saves tensors (no training loop here does: `x_t` and `x_a` carry no graph).
 
 use crate::backend::TchBackend;
 use davi_models::{Error, Result, UNetModel};
