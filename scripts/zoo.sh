@@ -40,4 +40,8 @@ for name in $MODELS; do
     -n "${EVAL_N:-1000}" --dps-steps "${DPS_STEPS:-1000}" --dps-n "${DPS_N:-16}" --device "$DEVICE" \
     -o "$RUNS/$name/eval" --card "$dir/card.yaml"
   cp "$RUNS/$name/eval/sheet.png" "$dir/sheet.png"
+  # Validation PSNR every 500 steps and its curve, when the run validated.
+  for f in validation.csv validation.png; do
+    [ -f "$RUNS/$name/$f" ] && cp "$RUNS/$name/$f" "$dir/$f"
+  done
 done

@@ -14,6 +14,15 @@ const COLOURS: [[u8; 3]; 6] = [
 /// Loss curves (one per column after `step`, log10 of |value|), on a white canvas with a legend
 /// strip of colour swatches in column order.
 pub fn curves(rows: &[Vec<f64>], columns: &[String], w: u32, h: u32) -> RgbImage {
+    plot(rows, columns, w, h, true)
+}
+
+/// Curves of the values themselves (e.g. validation PSNR), each point marked.
+pub fn linear_curves(rows: &[Vec<f64>], columns: &[String], w: u32, h: u32) -> RgbImage {
+    plot(rows, columns, w, h, false)
+}
+
+fn plot(rows: &[Vec<f64>], columns: &[String], w: u32, h: u32, log: bool) -> RgbImage {
     let mut img = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
     let (x0, y0, x1, y1) = (40.0, 20.0, w as f64 - 10.0, h as f64 - 20.0);
     let steps: Vec<f64> = rows.iter().map(|r| r[0]).collect();
@@ -21,7 +30,10 @@ pub fn curves(rows: &[Vec<f64>], columns: &[String], w: u32, h: u32) -> RgbImage
     for (k, _) in columns.iter().enumerate().take(COLOURS.len()) {
         let vals: Vec<(f64, f64)> = rows
             .iter()
-            .filter_map(|r| r.get(k + 1).map(|v| (r[0], v.abs().max(1e-12).log10())))
+            .filter_map(|r| {
+                r.get(k + 1)
+                    .map(|&v| (r[0], if log { v.abs().max(1e-12).log10() } else { v }))
+            })
             .filter(|(_, v)| v.is_finite())
             .collect();
         if vals.len() < 2 {
@@ -38,6 +50,19 @@ pub fn curves(rows: &[Vec<f64>], columns: &[String], w: u32, h: u32) -> RgbImage
             let y = y1 - (v - lo) / (hi - lo) * (y1 - y0);
             (x, y)
         };
+        if !log {
+            for &(s, v) in &vals {
+                let (x, y) = px(s, v);
+                for dx in -2i64..=2 {
+                    for dy in -2i64..=2 {
+                        let (xx, yy) = (x as i64 + dx, y as i64 + dy);
+                        if xx >= 0 && yy >= 0 && (xx as u32) < w && (yy as u32) < h {
+                            img.put_pixel(xx as u32, yy as u32, Rgb(COLOURS[k]));
+                        }
+                    }
+                }
+            }
+        }
         for pair in vals.windows(2) {
             let (a, b) = (px(pair[0].0, pair[0].1), px(pair[1].0, pair[1].1));
             let n = ((b.0 - a.0).abs().max((b.1 - a.1).abs()) as usize).max(1);

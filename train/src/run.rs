@@ -132,6 +132,19 @@ impl Run {
         }
         let mut f = std::fs::OpenOptions::new().append(true).open(&p)?;
         f.write_all(format!("{step},{psnr:.4}\n").as_bytes())?;
+        drop(f);
+        // validation.png: PSNR against step, so the reader sees where it flattens.
+        let rows: Vec<Vec<f64>> = std::fs::read_to_string(&p)?
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').filter_map(|v| v.parse().ok()).collect())
+            .collect();
+        if rows.len() >= 2 {
+            let img = crate::plot::linear_curves(&rows, &["psnr".into()], 480, 270);
+            let mut buf = Vec::new();
+            img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
+            write_atomic(&self.dir.join("validation.png"), &buf)?;
+        }
         Ok(())
     }
 

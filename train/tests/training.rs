@@ -743,7 +743,7 @@ fn davi_runs_validate_on_held_out_training_images_and_resume_keeps_the_rows() {
     std::fs::create_dir_all(&ddir).unwrap();
     let dcfg = setup(
         &ddir,
-        "task:\n  operator: {task: denoise}\n  sigma_y: 0.2\n  h: 0.1\ntrain:\n  davi:\n    batch_size: 4\n    steps: 4\n    checkpoint_every: 2\n    validate_every: 2\n    validate_n: 4\n    t_ikl: 400\n",
+        "task:\n  operator: {task: denoise}\n  sigma_y: 0.2\n  h: 0.1\ntrain:\n  davi:\n    batch_size: 4\n    steps: 4\n    checkpoint_every: 2\n    validate_every: 2\n    validate_n: 6\n    t_ikl: 400\n",
     );
     let run = tmp.path().join("davi");
     let args = |steps| davi_train::davi::DaviArgs {
@@ -770,6 +770,9 @@ fn davi_runs_validate_on_held_out_training_images_and_resume_keeps_the_rows() {
         "{v}"
     );
     assert!(rows.iter().all(|r| r.1.is_finite() && r.1 > 0.0), "{v}");
+    // The curve beside it: a picture with the points drawn on it.
+    let img = image::open(run.join("validation.png")).unwrap().to_rgb8();
+    assert!(img.pixels().any(|p| p.0 != [255, 255, 255]), "blank curve");
 }
 
 #[test]
