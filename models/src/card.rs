@@ -277,6 +277,34 @@ pub struct ModelCard {
     /// DPS's step size, tuned on a validation split (`davi-train tune-dps`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dps_tuning: Option<DpsTuning>,
+    /// Scores on whole held-out photographs, restored tile by tile (`davi eval --card`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole_photos: Option<WholePhotos>,
+}
+
+/// `whole_photos:` of a model card: methods scored on whole photographs (`davi eval --card
+/// CARD --method NAME`, one row per method).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WholePhotos {
+    /// The reference photographs, by relative path.
+    pub images: Vec<String>,
+    /// Scores per method (`davi`, `lifted`, ...).
+    pub methods: std::collections::BTreeMap<String, PhotoRow>,
+}
+
+/// One method on whole photographs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhotoRow {
+    /// Photographs scored.
+    pub n: usize,
+    /// Mean PSNR in dB on [0, 1].
+    pub psnr: f64,
+    /// Half-width of its 95% interval.
+    pub psnr_ci95: f64,
+    /// Mean SSIM.
+    pub ssim: f64,
+    /// Half-width of its 95% interval.
+    pub ssim_ci95: f64,
 }
 
 /// `dps_tuning:` of a model card: the sweep of DPS's step size on validation images.

@@ -160,6 +160,11 @@ pub struct DegradeArgs {
     /// Seed of the measurement noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also write the lifted measurements here (image size and channels): bicubic upsampling
+    /// for SR, grey in R, G and B for colorization, the measurement itself otherwise; the
+    /// baseline for `davi eval`.
+    #[arg(long)]
+    pub lift: Option<PathBuf>,
 }
 
 /// PSNR / SSIM of restored images against references.
@@ -189,6 +194,12 @@ pub struct EvalArgs {
     /// Rows of the sheet.
     #[arg(long, default_value_t = 8)]
     pub sheet_rows: usize,
+    /// Write the means into this model card's `whole_photos` table, as the row `--method`.
+    #[arg(long)]
+    pub card: Option<PathBuf>,
+    /// The row's name (e.g. `davi`, `lifted`).
+    #[arg(long)]
+    pub method: Option<String>,
 }
 
 /// Check the ONNX output against what tch computed (`model.parity.safetensors`).
@@ -321,9 +332,43 @@ pub fn degrade(a: DegradeArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, Run
         channels,
         sigma_y,
         seed: a.seed,
+        lift: a.lift,
     };
     let r = degrade::degrade(&opts, &sess)?;
     finish(&r, None, "degraded")
+}
+
+/// Writes `e` as the row `method` of the card's `whole_photos` (the card must exist).
+fn write_card_row(card: &Path, method: &str, e: &metrics::Evaluation) -> Result<(), RuntimeError> {
+    use davi_models::card::{ModelCard, PhotoRow};
+    let text = std::fs::read_to_string(card).map_err(|err| RuntimeError::io(card, err))?;
+    let mut c: ModelCard = serde_yaml::from_str(&text).map_err(|err| {
+        RuntimeError::Usage(format!(
+            "{}: not a model card: {err}",
+            crate::paths::escape(card)
+        ))
+    })?;
+    let w = c.whole_photos.get_or_insert_with(Default::default);
+    let names: Vec<String> = e.images.iter().map(|s| s.path.clone()).collect();
+    if !w.methods.is_empty() && w.images != names {
+        // Rows of one table score the same photographs.
+        w.methods.clear();
+    }
+    w.images = names;
+    w.methods.insert(
+        method.to_string(),
+        PhotoRow {
+            n: e.images.len(),
+            psnr: e.psnr,
+            psnr_ci95: e.psnr_ci95,
+            ssim: e.ssim,
+            ssim_ci95: e.ssim_ci95,
+        },
+    );
+    let yaml = serde_yaml::to_string(&c).map_err(|err| RuntimeError::Usage(err.to_string()))?;
+    images::write_atomic(card, yaml.as_bytes())?;
+    eprintln!("davi: wrote whole_photos.{method} into {}", card.display());
+    Ok(())
 }
 
 /// `davi eval`.
@@ -341,7 +386,15 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
         crate::paths::canonical_dir(&a.restored),
         crate::paths::canonical_dir(&a.reference),
     ];
-    let texts = [&a.json, &a.csv, &a.markdown].into_iter().flatten();
+    if a.card.is_some() != a.method.is_some() {
+        return Err(RuntimeError::Usage(
+            "--card and --method go together (which row of the card's whole_photos to write)"
+                .into(),
+        ));
+    }
+    let texts = [&a.json, &a.csv, &a.markdown, &a.card]
+        .into_iter()
+        .flatten();
     let outputs = texts.clone().chain(a.sheet.as_ref());
     for p in outputs {
         let dir = crate::paths::canonical_dir(p.parent().unwrap_or(Path::new(".")));
@@ -377,6 +430,9 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
     }
     if let Some(p) = &a.markdown {
         images::write_atomic(p, e.markdown().as_bytes())?;
+    }
+    if let (Some(card), Some(method)) = (&a.card, &a.method) {
+        write_card_row(card, method, &e)?;
     }
     if let Some(p) = &a.sheet {
         metrics::sheet(

@@ -28,6 +28,29 @@ pub struct DegradeOptions {
     pub sigma_y: Option<f64>,
     /// Seed of the measurement noise.
     pub seed: u64,
+    /// Also write each measurement lifted back to the image's size and channels into this
+    /// folder: the baseline a restoration must beat (bicubic upsampling for SR, the grey image
+    /// in R, G and B for colorization, the measurement itself otherwise).
+    pub lift: Option<PathBuf>,
+}
+
+/// The lifted measurement of `y_png` (the measurement as written) for an image of `w` x `h`
+/// and `c` channels.
+fn lifted(op: &Operator, y_png: &[u8], w: u32, h: u32, c: usize) -> Result<Vec<u8>, String> {
+    let y = image::load_from_memory(y_png).map_err(|e| e.to_string())?;
+    let img = match op {
+        Operator::SuperRes { .. } => y.resize_exact(w, h, image::imageops::FilterType::CatmullRom),
+        _ => y,
+    };
+    let img = if c == 3 {
+        image::DynamicImage::ImageRgb8(img.to_rgb8())
+    } else {
+        img
+    };
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 /// Degrades every image; per-file problems are counted in the report.
@@ -61,6 +84,20 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
     let (jobs, ignored) = crate::pipeline::plan(&plan_opts, None, &[])?;
     report.found = jobs.len();
     report.ignored = ignored;
+    if let Some(l) = &opts.lift {
+        let canon = crate::paths::canonical_dir(l);
+        let taken = [&opts.input, &opts.output]
+            .iter()
+            .map(|p| crate::paths::canonical_dir(p))
+            .any(|p| canon.starts_with(&p) || p.starts_with(&canon));
+        if taken {
+            return Err(RuntimeError::Usage(format!(
+                "refused: --lift {} overlaps the input or the output folder; nothing was written",
+                crate::paths::escape(l)
+            )));
+        }
+        std::fs::create_dir_all(l).map_err(|e| RuntimeError::io(l, e))?;
+    }
     std::fs::create_dir_all(&opts.output).map_err(|e| RuntimeError::io(&opts.output, e))?;
     crate::pipeline::remove_stale_temporaries(&jobs, &plan_opts);
     for job in &jobs {
@@ -148,9 +185,16 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
             .into_dimensionality::<ndarray::Ix3>()
             .expect("rank 3");
         let dst = job.output(&opts.output, Format::Png, "");
-        match images::encode(y3.view(), Format::Png)
-            .and_then(|b| images::write_atomic(&dst, &b).map_err(|e| e.to_string()))
-        {
+        let written = images::encode(y3.view(), Format::Png).and_then(|b| {
+            images::write_atomic(&dst, &b).map_err(|e| e.to_string())?;
+            if let Some(l) = &opts.lift {
+                let lift = lifted(op, &b, w as u32, h as u32, c)?;
+                images::write_atomic(&job.output(l, Format::Png, ""), &lift)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        });
+        match written {
             Ok(()) => report.restored += 1,
             Err(r) => fail(&mut report, r),
         }

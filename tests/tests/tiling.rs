@@ -191,6 +191,83 @@ fn degrade_restore_and_eval_work_at_any_size() {
     let (code, out, err) = davi(&["eval", "--restored", &s(&r), "--reference", &s(&clean)]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("| 1 |"), "{out}");
+    // --lift: the measurement brought back to the image's size (bicubic for SR), the baseline.
+    let (m2, lift) = (tmp.path().join("meas2"), tmp.path().join("lift"));
+    let (code, _, err) = davi(&[
+        "degrade",
+        "-m",
+        &s(&model),
+        "-i",
+        &s(&clean),
+        "-o",
+        &s(&m2),
+        "--lift",
+        &s(&lift),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let l = image::open(lift.join("wide.png")).unwrap().to_luma8();
+    assert_eq!((l.width(), l.height()), (56, 40));
+    // Upsampled: each 4x4 block's mean stays near its measurement pixel.
+    let y = image::open(m2.join("wide.png")).unwrap().to_luma8();
+    let block = |bx: u32, by: u32| {
+        (0..16)
+            .map(|i| l.get_pixel(bx * 4 + i % 4, by * 4 + i / 4).0[0] as f64)
+            .sum::<f64>()
+            / 16.0
+    };
+    assert!((block(5, 5) - y.get_pixel(5, 5).0[0] as f64).abs() < 24.0);
+    // Rows of a card's whole_photos table, one per method.
+    let card = tmp.path().join("card.yaml");
+    std::fs::write(
+        &card,
+        "name: t\ntask: {operator: {task: sr, scale: 4}, sigma_y: 0.05, h: 0.1}\ndata: d\ntraining_steps: 1\ntraining_seconds: 1.0\n",
+    )
+    .unwrap();
+    for (dir, method) in [(&lift, "lifted"), (&r, "davi")] {
+        let (code, out, err) = davi(&[
+            "eval",
+            "--restored",
+            &s(dir),
+            "--reference",
+            &s(&clean),
+            "--card",
+            &s(&card),
+            "--method",
+            method,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("| 1 |"), "{out}");
+    }
+    let c: davi_models::card::ModelCard =
+        serde_yaml::from_str(&std::fs::read_to_string(&card).unwrap()).unwrap();
+    let w = c.whole_photos.unwrap();
+    assert_eq!(w.images, vec!["wide.png".to_string()]);
+    assert_eq!(w.methods.keys().collect::<Vec<_>>(), ["davi", "lifted"]);
+    assert!(w.methods["lifted"].psnr.is_finite() && w.methods["davi"].n == 1);
+    let (code, _, err) = davi(&[
+        "eval",
+        "--restored",
+        &s(&r),
+        "--reference",
+        &s(&clean),
+        "--card",
+        &s(&card),
+    ]);
+    assert_eq!(code, 2, "--card without --method: {err}");
+    // A lift folder inside the output (or the input) is refused before anything is written.
+    let (code, _, err) = davi(&[
+        "degrade",
+        "-m",
+        &s(&model),
+        "-i",
+        &s(&clean),
+        "-o",
+        &s(&m2),
+        "--lift",
+        &s(&m2.join("l")),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("refused") && !m2.join("l").exists(), "{err}");
     // --task scales the operator to the shorter side; inpainting stays square-only.
     let (code, _, err) = davi(&[
         "degrade",

@@ -241,6 +241,10 @@ pub struct ImagesArgs {
     /// Output folder.
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Whole photographs instead of crops (photo data sets): each photo of the split at least
+    /// the model's size, downscaled as training sees it, as `<stem>.png` (the first n).
+    #[arg(long)]
+    pub whole: bool,
 }
 
 /// Random weights of a UNet config, as a `torch.save` checkpoint (`.pt`) or safetensors.
@@ -560,6 +564,46 @@ pub fn import(a: ImportArgs) -> Result<ExitCode> {
 /// `davi-train images`.
 pub fn images(a: ImagesArgs) -> Result<ExitCode> {
     let cfg = DaviConfig::from_file(&a.config)?;
+    if a.whole {
+        let Some(davi_models::card::DataConfig::Photos {
+            dir,
+            extra_dirs,
+            test_photos,
+            downscale,
+        }) = &cfg.data
+        else {
+            anyhow::bail!("--whole: {} has no photo data set", a.config.display());
+        };
+        let c = cfg.unet.in_channels;
+        let photos = crate::data::split_photos(
+            dir,
+            extra_dirs,
+            test_photos,
+            *downscale as usize,
+            a.split,
+            c,
+        )?;
+        std::fs::create_dir_all(&a.output)?;
+        let mut n = 0;
+        // Photos smaller than the model are left out, as the crops' data set leaves them.
+        let s = cfg.unet.image_size as u32;
+        let big = photos
+            .into_iter()
+            .filter(|(_, img)| img.width() >= s && img.height() >= s);
+        for (name, img) in big.take(a.n) {
+            let img = if c == 1 {
+                image::DynamicImage::ImageLuma8(img.to_luma8())
+            } else {
+                image::DynamicImage::ImageRgb8(img.to_rgb8())
+            };
+            let mut buf = Vec::new();
+            img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
+            crate::run::write_atomic(&a.output.join(format!("{name}.png")), &buf)?;
+            n += 1;
+        }
+        eprintln!("wrote {n} whole photographs to {}", a.output.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let ds = crate::data::open_config(&cfg, &a.config, a.split, true)?;
     let n = crate::data::write_images(&ds, a.n, &a.output)?;
     eprintln!("wrote {n} images to {}", a.output.display());

@@ -125,6 +125,64 @@ pub fn fashion_mnist(dir: &Path, split: Split) -> Result<(tch::Tensor, tch::Tens
     Ok((x, y))
 }
 
+/// The photographs of a split, each downscaled by `downscale` (so a crop holds a scene part, not
+/// a few pixels), with their file stems. With `test_photos`, those photos form the test split
+/// whole and the others train; without, each photo gives its left 80% to training and its right
+/// 20% to test. Colour models (`c = 3`) skip grey photos.
+pub fn split_photos(
+    dir: &str,
+    extra_dirs: &[String],
+    test_photos: &[String],
+    downscale: usize,
+    split: Split,
+    c: usize,
+) -> Result<Vec<(String, image::DynamicImage)>> {
+    let mut files = Vec::new();
+    for d in std::iter::once(dir).chain(extra_dirs.iter().map(String::as_str)) {
+        let found = list_images(Path::new(d))?;
+        if found.is_empty() {
+            bail!("{d}: no photos (scripts/setup installs the photo sets under .deps/data)");
+        }
+        files.extend(found);
+    }
+    let stem = |f: &Path| f.file_stem().map(|s| s.to_string_lossy().to_string());
+    for t in test_photos {
+        if !files.iter().any(|f| stem(f).as_deref() == Some(t.as_str())) {
+            bail!("test photo '{t}' is in none of the photo folders");
+        }
+    }
+    let k = downscale.max(1) as u32;
+    let mut out = Vec::new();
+    for f in files {
+        let name = stem(&f).unwrap_or_default();
+        let held_out = test_photos.contains(&name);
+        if !test_photos.is_empty() && held_out != (split == Split::Test) {
+            continue;
+        }
+        let img = image::open(&f).with_context(|| format!("{}: cannot decode", f.display()))?;
+        if c == 3 && !img.color().has_color() {
+            continue;
+        }
+        let img = img.resize(
+            img.width() / k,
+            img.height() / k,
+            image::imageops::FilterType::Lanczos3,
+        );
+        let (w, h) = (img.width(), img.height());
+        let part = if !test_photos.is_empty() {
+            img
+        } else {
+            let cut = w * 4 / 5;
+            match split {
+                Split::Train => img.crop_imm(0, 0, cut, h),
+                Split::Test => img.crop_imm(cut, 0, w - cut, h),
+            }
+        };
+        out.push((name, part));
+    }
+    Ok(out)
+}
+
 /// Decodes an image file to `[c, s, s]` in [-1, 1]: shorter side resized to `s` (Lanczos), centre crop.
 pub fn load_image(path: &Path, c: usize, s: usize) -> Result<Vec<f32>> {
     let img = image::ImageReader::open(path)
@@ -232,50 +290,10 @@ impl Dataset {
                 test_photos,
                 downscale,
             } => {
-                // Each photo is downscaled (so a crop holds a scene part, not a few pixels). With
-                // `test_photos`, those photos form the test split whole and the others train;
-                // without, each photo gives its left 80% to training and its right 20% to test.
-                let mut files = Vec::new();
-                for d in std::iter::once(dir).chain(extra_dirs) {
-                    let found = list_images(Path::new(d))?;
-                    if found.is_empty() {
-                        bail!("{d}: no photos (scripts/setup installs the photo sets under .deps/data)");
-                    }
-                    files.extend(found);
-                }
-                let stem = |f: &Path| f.file_stem().map(|s| s.to_string_lossy().to_string());
-                for t in test_photos {
-                    if !files.iter().any(|f| stem(f).as_deref() == Some(t.as_str())) {
-                        bail!("test photo '{t}' is in none of the photo folders");
-                    }
-                }
-                let k = (*downscale).max(1);
                 let mut photos = Vec::new();
-                for f in files {
-                    let held_out = stem(&f).is_some_and(|s| test_photos.contains(&s));
-                    if !test_photos.is_empty() && held_out != (split == Split::Test) {
-                        continue;
-                    }
-                    let img = image::open(&f)
-                        .with_context(|| format!("{}: cannot decode", f.display()))?;
-                    if c == 3 && !img.color().has_color() {
-                        continue;
-                    }
-                    let img = img.resize(
-                        img.width() / k,
-                        img.height() / k,
-                        image::imageops::FilterType::Lanczos3,
-                    );
-                    let (w, h) = (img.width(), img.height());
-                    let part = if !test_photos.is_empty() {
-                        img
-                    } else {
-                        let cut = w * 4 / 5;
-                        match split {
-                            Split::Train => img.crop_imm(0, 0, cut, h),
-                            Split::Test => img.crop_imm(cut, 0, w - cut, h),
-                        }
-                    };
+                for (_, part) in
+                    split_photos(dir, extra_dirs, test_photos, *downscale as usize, split, c)?
+                {
                     if (part.width() as usize) < s || (part.height() as usize) < s {
                         continue;
                     }
@@ -524,5 +542,18 @@ mod tests {
                 .unwrap()
         );
         assert!(err.contains("purple"), "{err}");
+        // Whole photographs of a split (`davi-train images --whole`): by name, downscaled.
+        let whole = split_photos(
+            &a.path().display().to_string(),
+            &[b.path().display().to_string()],
+            &["blue".to_string()],
+            4,
+            Split::Test,
+            3,
+        )
+        .unwrap();
+        assert_eq!(whole.len(), 1);
+        assert_eq!(whole[0].0, "blue");
+        assert_eq!((whole[0].1.width(), whole[0].1.height()), (40, 40));
     }
 }

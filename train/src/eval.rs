@@ -673,6 +673,7 @@ fn update_card(path: &Path, checkpoint: &Path, cfg: &DaviConfig, r: &Report) -> 
             notes: None,
             eval: None,
             dps_tuning: None,
+            whole_photos: None,
         }
     };
     card.eval = Some(EvalTable {
