@@ -60,6 +60,11 @@ pub struct DaviArgs {
     /// Override the teacher (prior) weights.
     #[arg(long)]
     pub teacher: Option<PathBuf>,
+    /// Train the supervised control of this config instead: the same network, initialisation,
+    /// pairs, steps and seed, trained with plain MSE to the truth alone (named `<name>-supervised`,
+    /// run folder runs/<name>-supervised by default).
+    #[arg(long)]
+    pub supervised: bool,
 }
 
 /// Export I_phi to ONNX with parity fixtures, and check them on ONNX Runtime's CPU EP.
@@ -354,6 +359,7 @@ pub fn davi(a: DaviArgs) -> Result<ExitCode> {
         run: a.run.run,
         steps: a.run.steps,
         teacher: a.teacher,
+        supervised: a.supervised,
     })?;
     eprintln!("run folder: {}", dir.display());
     Ok(ExitCode::SUCCESS)

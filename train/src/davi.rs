@@ -32,6 +32,26 @@ pub struct DaviArgs {
     pub steps: Option<usize>,
     /// Override of the teacher checkpoint.
     pub teacher: Option<PathBuf>,
+    /// Train the config's supervised control ([`supervised_control`]).
+    pub supervised: bool,
+}
+
+/// The supervised control of a DAVI config: the same config named `<name>-supervised`, with
+/// `train.davi.supervised: true` (plain MSE to the truth; everything else identical).
+pub fn supervised_control(mut cfg: DaviConfig) -> Result<DaviConfig> {
+    cfg.name = format!("{}-supervised", cfg.name);
+    let train = cfg
+        .train
+        .get_or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+    let davi = train
+        .as_mapping_mut()
+        .ok_or_else(|| anyhow::anyhow!("train: not a mapping"))?
+        .entry("davi".into())
+        .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+    davi.as_mapping_mut()
+        .ok_or_else(|| anyhow::anyhow!("train.davi: not a mapping"))?
+        .insert("supervised".into(), true.into());
+    Ok(cfg)
 }
 
 /// The loss terms of one `I_phi` step.
@@ -446,7 +466,10 @@ fn validation_pairs(
 
 /// Trains (or resumes) a DAVI model. Returns the run folder.
 pub fn train(args: &DaviArgs) -> Result<PathBuf> {
-    let cfg = DaviConfig::from_file(&args.config)?;
+    let mut cfg = DaviConfig::from_file(&args.config)?;
+    if args.supervised {
+        cfg = supervised_control(cfg)?;
+    }
     let mut hp = train_config(&cfg)?.davi.unwrap_or_default();
     if let Some(s) = args.steps {
         hp.steps = s;

@@ -752,6 +752,7 @@ fn davi_runs_validate_on_held_out_training_images_and_resume_keeps_the_rows() {
         run: Some(run.clone()),
         steps: Some(steps),
         teacher: Some(tmp.path().join("prior/ema.safetensors")),
+        supervised: false,
     };
     davi_train::davi::train(&args(2)).unwrap();
     davi_train::davi::train(&args(4)).unwrap();
@@ -836,4 +837,36 @@ fn the_official_gan_form_adds_feature_matching_and_clips_the_weight_against_the_
             t.gan_w
         );
     }
+}
+
+#[test]
+fn the_supervised_control_of_a_config_differs_in_its_name_and_loss_alone() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cfg = davi_models::DaviConfig::from_file(&root.join("models/configs/fmnist32-deblur.yaml"))
+        .unwrap();
+    let control = davi_train::davi::supervised_control(cfg.clone()).unwrap();
+    assert_eq!(control.name, "fmnist32-deblur-supervised");
+    let (a, b) = (
+        davi_train::config::train_config(&cfg)
+            .unwrap()
+            .davi
+            .unwrap(),
+        davi_train::config::train_config(&control)
+            .unwrap()
+            .davi
+            .unwrap(),
+    );
+    assert!(!a.supervised && b.supervised);
+    assert_eq!(
+        (a.steps, a.batch_size, a.seed, a.lr, a.t_ikl, &a.teacher),
+        (b.steps, b.batch_size, b.seed, b.lr, b.t_ikl, &b.teacher)
+    );
+    assert_eq!(
+        serde_yaml::to_string(&cfg.unet).unwrap(),
+        serde_yaml::to_string(&control.unet).unwrap()
+    );
+    assert_eq!(
+        serde_yaml::to_string(&cfg.task).unwrap(),
+        serde_yaml::to_string(&control.task).unwrap()
+    );
 }
