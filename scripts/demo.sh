@@ -42,24 +42,26 @@ e = json.load(open(path))
 print(f"| {t} | {len(e['images'])} | {e['psnr']:.2f} ± {e['psnr_ci95']:.2f} | {m} | {e['ssim']:.4f} |")
 PY
 done
-# A whole photograph, larger than the model: colorized tile by tile.
-photo=models/samples/photo32-colorize/photo
-if [ "$zoo" = models/zoo ] && [ -d "$photo" ]; then
-  echo "demo: colorizing the whole photograph(s) in $photo, tile by tile"
-  rm -rf out/photo/grey
-  $DAVI degrade -m "$zoo/photo32-colorize/model.onnx" -i "$photo" -o out/photo/grey --seed 0
-  $DAVI restore -m "$zoo/photo32-colorize/model.onnx" -i out/photo/grey -o out/photo/colorized --seed 0
-  $DAVI eval --restored out/photo/colorized --reference "$photo" --json out/photo/eval.json > /dev/null
-  $DAVI eval --restored out/photo/grey --reference "$photo" --json out/photo/grey.json > /dev/null 2>&1 || true
-  python3 - out/photo/eval.json out/photo/grey.json >> out/demo.md <<'PY'
+# Whole photographs, larger than the model, restored tile by tile: every photo model that ships
+# a models/samples/<name>/photo folder.
+if [ "$zoo" = models/zoo ]; then
+  for photo in models/samples/photo32-*/photo; do
+    [ -d "$photo" ] || continue
+    t=$(basename "$(dirname "$photo")")
+    [ -f "$zoo/$t/model.onnx" ] || continue
+    echo "demo: $t on the whole photograph(s) in $photo, tile by tile"
+    rm -rf "out/photo/$t"
+    $DAVI degrade -m "$zoo/$t/model.onnx" -i "$photo" -o "out/photo/$t/measured" --lift "out/photo/$t/lifted" --seed 0
+    $DAVI restore -m "$zoo/$t/model.onnx" -i "out/photo/$t/measured" -o "out/photo/$t/restored" --seed 0
+    $DAVI eval --restored "out/photo/$t/restored" --reference "$photo" --json "out/photo/$t/eval.json" \
+      --sheet "out/photo/$t.sheet.png" --measurement "out/photo/$t/lifted" > /dev/null
+    $DAVI eval --restored "out/photo/$t/lifted" --reference "$photo" --json "out/photo/$t/lifted.json" > /dev/null
+    python3 - "$t" "out/photo/$t/eval.json" "out/photo/$t/lifted.json" >> out/demo.md <<'PY'
 import json, sys
-e = json.load(open(sys.argv[1]))
-try:
-    g = "%.2f" % json.load(open(sys.argv[2]))["psnr"]
-except Exception:
-    g = "n/a"
-print(f"| photo32-colorize, whole photograph (512x320, in tiles) | {len(e['images'])} | {e['psnr']:.2f} | {g} (grey) | {e['ssim']:.4f} |")
+t, e, g = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))
+print(f"| {t}, whole photograph (in tiles) | {len(e['images'])} | {e['psnr']:.2f} | {g['psnr']:.2f} (lifted) | {e['ssim']:.4f} |")
 PY
+  done
 fi
 cat out/demo.md
 echo
