@@ -338,20 +338,54 @@ pub fn degrade(a: DegradeArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, Run
     finish(&r, None, "degraded")
 }
 
-/// Writes `e` as the row `method` of the card's `whole_photos` (the card must exist).
-fn write_card_row(card: &Path, method: &str, e: &metrics::Evaluation) -> Result<(), RuntimeError> {
-    use davi_models::card::{ModelCard, PhotoRow};
+/// The card `--card` names, checked before anything is scored or written: it exists, is a model
+/// card, and is written through a symlink to its target.
+fn card_target(card: &Path, method: &str) -> Result<PathBuf, RuntimeError> {
+    let ok = !method.is_empty()
+        && method
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !ok {
+        return Err(RuntimeError::Usage(format!(
+            "--method {method:?}: a row name of letters, digits, '_', '-' or '.'"
+        )));
+    }
+    let target = card
+        .canonicalize()
+        .map_err(|err| RuntimeError::io(card, err))?;
+    read_card(&target)?;
+    Ok(target)
+}
+
+fn read_card(card: &Path) -> Result<davi_models::card::ModelCard, RuntimeError> {
     let text = std::fs::read_to_string(card).map_err(|err| RuntimeError::io(card, err))?;
-    let mut c: ModelCard = serde_yaml::from_str(&text).map_err(|err| {
+    serde_yaml::from_str(&text).map_err(|err| {
         RuntimeError::Usage(format!(
             "{}: not a model card: {err}",
             crate::paths::escape(card)
         ))
-    })?;
+    })
+}
+
+/// Writes `e` as the row `method` of the card's `whole_photos`, under an exclusive lock of the
+/// card's folder (concurrent writers each keep their row). Rows scoring other photographs are
+/// dropped, and named.
+fn write_card_row(card: &Path, method: &str, e: &metrics::Evaluation) -> Result<(), RuntimeError> {
+    use davi_models::card::PhotoRow;
+    let dir = card.parent().unwrap_or(Path::new("."));
+    let lock = std::fs::File::open(dir).map_err(|err| RuntimeError::io(dir, err))?;
+    lock.lock().map_err(|err| RuntimeError::io(dir, err))?;
+    let mut c = read_card(card)?;
     let w = c.whole_photos.get_or_insert_with(Default::default);
     let names: Vec<String> = e.images.iter().map(|s| s.path.clone()).collect();
     if !w.methods.is_empty() && w.images != names {
-        // Rows of one table score the same photographs.
+        let dropped: Vec<&String> = w.methods.keys().filter(|k| *k != method).collect();
+        if !dropped.is_empty() {
+            eprintln!(
+                "davi: {}: whole_photos scored other photographs; dropped its rows {dropped:?}",
+                card.display()
+            );
+        }
         w.methods.clear();
     }
     w.images = names;
@@ -367,6 +401,7 @@ fn write_card_row(card: &Path, method: &str, e: &metrics::Evaluation) -> Result<
     );
     let yaml = serde_yaml::to_string(&c).map_err(|err| RuntimeError::Usage(err.to_string()))?;
     images::write_atomic(card, yaml.as_bytes())?;
+    drop(lock);
     eprintln!("davi: wrote whole_photos.{method} into {}", card.display());
     Ok(())
 }
@@ -392,9 +427,11 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
                 .into(),
         ));
     }
-    let texts = [&a.json, &a.csv, &a.markdown, &a.card]
-        .into_iter()
-        .flatten();
+    let card = match (&a.card, &a.method) {
+        (Some(c), Some(m)) => Some(card_target(c, m)?),
+        _ => None,
+    };
+    let texts = [&a.json, &a.csv, &a.markdown, &card].into_iter().flatten();
     let outputs = texts.clone().chain(a.sheet.as_ref());
     for p in outputs {
         let dir = crate::paths::canonical_dir(p.parent().unwrap_or(Path::new(".")));
@@ -431,8 +468,15 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
     if let Some(p) = &a.markdown {
         images::write_atomic(p, e.markdown().as_bytes())?;
     }
-    if let (Some(card), Some(method)) = (&a.card, &a.method) {
-        write_card_row(card, method, &e)?;
+    if let (Some(card), Some(method)) = (&card, &a.method) {
+        if e.missing.is_empty() {
+            write_card_row(card, method, &e)?;
+        } else {
+            eprintln!(
+                "davi: {} not written: the card's rows score every photograph",
+                card.display()
+            );
+        }
     }
     if let Some(p) = &a.sheet {
         metrics::sheet(

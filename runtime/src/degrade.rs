@@ -90,6 +90,12 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
             .iter()
             .map(|p| crate::paths::canonical_dir(p))
             .any(|p| canon.starts_with(&p) || p.starts_with(&canon));
+        if l.exists() && !l.is_dir() {
+            return Err(RuntimeError::Usage(format!(
+                "--lift {}: exists and is not a folder",
+                crate::paths::escape(l)
+            )));
+        }
         if taken {
             return Err(RuntimeError::Usage(format!(
                 "refused: --lift {} overlaps the input or the output folder; nothing was written",
@@ -186,11 +192,16 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
             .expect("rank 3");
         let dst = job.output(&opts.output, Format::Png, "");
         let written = images::encode(y3.view(), Format::Png).and_then(|b| {
+            // The lifted image is made before anything is written: a failure leaves neither.
+            let lift = match &opts.lift {
+                Some(l) => Some((l, lifted(op, &b, w as u32, h as u32, c)?)),
+                None => None,
+            };
             images::write_atomic(&dst, &b).map_err(|e| e.to_string())?;
-            if let Some(l) = &opts.lift {
-                let lift = lifted(op, &b, w as u32, h as u32, c)?;
-                images::write_atomic(&job.output(l, Format::Png, ""), &lift)
-                    .map_err(|e| e.to_string())?;
+            if let Some((l, lift)) = lift {
+                images::write_atomic(&job.output(l, Format::Png, ""), &lift).map_err(|e| {
+                    format!("the measurement was written, its lifted image not: {e}")
+                })?;
             }
             Ok(())
         });

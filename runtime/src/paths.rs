@@ -46,19 +46,25 @@ pub fn canonical_dir(dir: &Path) -> PathBuf {
     } else {
         std::env::current_dir().unwrap_or_default().join(dir)
     };
-    let mut rest = Vec::new();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
     let mut cur = abs.as_path();
     loop {
         if let Ok(c) = cur.canonicalize() {
+            // The parts that do not exist yet, with `.` and `..` applied as the folders will be
+            // created (`missing/../x` is `x`: it must not escape the overlap checks).
             let mut p = c;
             for part in rest.iter().rev() {
-                p.push(part);
+                if part == ".." {
+                    p.pop();
+                } else if part != "." {
+                    p.push(part);
+                }
             }
             return p;
         }
-        match (cur.parent(), cur.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_os_string());
+        match (cur.parent(), cur.components().next_back()) {
+            (Some(parent), Some(last)) => {
+                rest.push(last.as_os_str().to_os_string());
                 cur = parent;
             }
             _ => return abs,
@@ -177,6 +183,19 @@ pub fn remove_stale_temporaries<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_folder_then_dot_dot_resolves_where_it_will_be() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("inputs");
+        std::fs::create_dir_all(&real).unwrap();
+        let sneaky = tmp.path().join("missing/deeper/../../inputs");
+        assert_eq!(canonical_dir(&sneaky), real.canonicalize().unwrap());
+        assert_eq!(
+            canonical_dir(&tmp.path().join("missing/./new")),
+            tmp.path().canonicalize().unwrap().join("missing/new")
+        );
+    }
 
     #[test]
     fn escapes_make_one_line() {

@@ -254,6 +254,68 @@ fn degrade_restore_and_eval_work_at_any_size() {
         &s(&card),
     ]);
     assert_eq!(code, 2, "--card without --method: {err}");
+    let (code, _, err) = davi(&[
+        "eval",
+        "--restored",
+        &s(&r),
+        "--reference",
+        &s(&clean),
+        "--card",
+        &s(&card),
+        "--method",
+        "a b",
+    ]);
+    assert_eq!(code, 2, "a row name with a space: {err}");
+    // Concurrent writers of one card each keep their row (the card's folder is locked).
+    let handles: Vec<_> = (0..4)
+        .map(|k| {
+            let (r, clean, card) = (s(&r), s(&clean), s(&card));
+            std::thread::spawn(move || {
+                davi(&[
+                    "eval",
+                    "--restored",
+                    &r,
+                    "--reference",
+                    &clean,
+                    "--card",
+                    &card,
+                    "--method",
+                    &format!("m{k}"),
+                ])
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().0, 0);
+    }
+    let c: davi_models::card::ModelCard =
+        serde_yaml::from_str(&std::fs::read_to_string(&card).unwrap()).unwrap();
+    assert_eq!(
+        c.whole_photos.unwrap().methods.len(),
+        6,
+        "a concurrent row was lost"
+    );
+    // An incomplete evaluation (a reference without its restored image) writes no row.
+    grey(&clean.join("extra.png"), 40, 40, 3);
+    let before = std::fs::read_to_string(&card).unwrap();
+    let (code, _, _) = davi(&[
+        "eval",
+        "--restored",
+        &s(&r),
+        "--reference",
+        &s(&clean),
+        "--card",
+        &s(&card),
+        "--method",
+        "partial",
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        std::fs::read_to_string(&card).unwrap(),
+        before,
+        "a partial score reached the card"
+    );
+    std::fs::remove_file(clean.join("extra.png")).unwrap();
     // A lift folder inside the output (or the input) is refused before anything is written.
     let (code, _, err) = davi(&[
         "degrade",

@@ -589,13 +589,23 @@ pub fn images(a: ImagesArgs) -> Result<ExitCode> {
             a.split,
             c,
         )?;
-        std::fs::create_dir_all(&a.output)?;
         let mut n = 0;
-        // Photos smaller than the model are left out, as the crops' data set leaves them.
+        // Photos smaller than the model are left out, as the crops' data set leaves them; for
+        // super-resolution each is cropped to a multiple of the scale (the operator needs it).
         let s = cfg.unet.image_size as u32;
+        let k = match cfg.task().map(|t| &t.operator) {
+            Ok(davi_models::Operator::SuperRes { scale }) => *scale as u32,
+            _ => 1,
+        };
         let big = photos
             .into_iter()
-            .filter(|(_, img)| img.width() >= s && img.height() >= s);
+            .filter(|(_, img)| img.width() >= s && img.height() >= s)
+            .map(|(name, img)| {
+                let (w, h) = (img.width() / k * k, img.height() / k * k);
+                (name, img.crop_imm(0, 0, w, h))
+            });
+        std::fs::create_dir_all(&a.output)
+            .with_context(|| format!("{}: cannot create the folder", a.output.display()))?;
         for (name, img) in big.take(a.n) {
             let img = if c == 1 {
                 image::DynamicImage::ImageLuma8(img.to_luma8())
@@ -604,7 +614,9 @@ pub fn images(a: ImagesArgs) -> Result<ExitCode> {
             };
             let mut buf = Vec::new();
             img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
-            crate::run::write_atomic(&a.output.join(format!("{name}.png")), &buf)?;
+            let path = a.output.join(format!("{name}.png"));
+            crate::run::write_atomic(&path, &buf)
+                .with_context(|| format!("{}: cannot write", path.display()))?;
             n += 1;
         }
         eprintln!("wrote {n} whole photographs to {}", a.output.display());

@@ -37,8 +37,12 @@ pub struct DaviArgs {
 }
 
 /// The supervised control of a DAVI config: the same config named `<name>-supervised`, with
-/// `train.davi.supervised: true` (plain MSE to the truth; everything else identical).
+/// `train.davi.supervised: true` (plain MSE to the truth; everything else identical). A config
+/// that already is a control (e.g. a supervised run's own `config.yaml`) comes back unchanged.
 pub fn supervised_control(mut cfg: DaviConfig) -> Result<DaviConfig> {
+    if train_config(&cfg)?.davi.is_some_and(|d| d.supervised) {
+        return Ok(cfg);
+    }
     cfg.name = format!("{}-supervised", cfg.name);
     let train = cfg
         .train

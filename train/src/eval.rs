@@ -21,6 +21,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// What `eval` was asked.
+#[derive(Clone)]
 pub struct EvalArgs {
     /// DAVI checkpoint (EMA weights).
     pub checkpoint: PathBuf,
@@ -330,6 +331,39 @@ fn run_ddrm(
     Ok((scores(&arr4(&o), &arr4(&run.x), nfe, secs), o))
 }
 
+/// An exported model given for `cfg` must invert the same operator at the same size: its
+/// metadata (`davi.operator`, `davi.image_size`, `davi.channels`) is checked.
+fn check_exported(path: &Path, cfg: &DaviConfig) -> Result<()> {
+    if path.extension().is_none_or(|e| e != "onnx") {
+        return Ok(());
+    }
+    let m = davi_export::metadata(&davi_export::read_model(path)?);
+    let op: davi_models::Operator = serde_json::from_str(
+        m.get("davi.operator")
+            .with_context(|| format!("{}: no davi.operator metadata", path.display()))?,
+    )
+    .with_context(|| format!("{}: bad davi.operator metadata", path.display()))?;
+    let size = m
+        .get("davi.image_size")
+        .and_then(|v| v.parse::<usize>().ok());
+    let channels = m.get("davi.channels").and_then(|v| v.parse::<usize>().ok());
+    let want = &cfg.task()?.operator;
+    if &op != want || size != Some(cfg.unet.image_size) || channels != Some(cfg.unet.in_channels) {
+        anyhow::bail!(
+            "{}: made for {:?} at {:?} px, {:?} channels; the config {} is {:?} at {} px, {} channels",
+            path.display(),
+            op,
+            size,
+            channels,
+            cfg.name,
+            want,
+            cfg.unet.image_size,
+            cfg.unet.in_channels
+        );
+    }
+    Ok(())
+}
+
 /// The supervised control's `I_phi` on DAVI's measurements and noise: scores and images.
 fn run_supervised(
     implicit: &Implicit,
@@ -432,6 +466,14 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
     let diff = Diffusion::new(cfg.diffusion.schedule, cfg.diffusion.steps);
     let ds = crate::data::open_config(&cfg, &args.config, Split::Test, true)?;
     let n = args.n.min(ds.len);
+    check_exported(&args.checkpoint, &cfg)?;
+    if let Some(p) = &args.supervised {
+        check_exported(p, &cfg)?;
+    }
+    let t_max = cfg.diffusion.steps;
+    if args.ddrm_steps == 1 || args.ddrm_steps > t_max {
+        anyhow::bail!("--ddrm-steps {}: 0 (skip) or 2..={t_max}", args.ddrm_steps);
+    }
     let bphi = checkpoint::load_backend(&args.checkpoint, &implicit.unet, args.device)?;
     let teacher_path = match &args.teacher {
         Some(t) => t.display().to_string(),

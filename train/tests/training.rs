@@ -628,6 +628,21 @@ fn eval_scores_every_method_on_the_same_images_and_writes_them_to_the_card() {
         // The model itself as the "control": same measurements and noise give the same scores.
         supervised: Some(root.join("models/zoo/fmnist32-sr4/model.onnx")),
     };
+    // A control made for another task, or a DDRM of one step, is refused before any work.
+    let wrong = davi_train::eval::EvalArgs {
+        supervised: Some(root.join("models/zoo/fmnist32-denoise/model.onnx")),
+        ..args.clone()
+    };
+    let e = format!("{:#}", davi_train::eval::eval(&wrong).err().unwrap());
+    assert!(
+        e.contains("fmnist32-denoise") && e.contains("made for"),
+        "{e}"
+    );
+    let one = davi_train::eval::EvalArgs {
+        ddrm_steps: 1,
+        ..args.clone()
+    };
+    assert!(davi_train::eval::eval(&one).is_err());
     let r = davi_train::eval::eval(&args).unwrap();
     assert_eq!((r.ddrm.n, r.ddrm.nfe), (8, 4));
     assert!(r.ddrm.psnr.is_finite() && r.ddrm.fid.is_some());
@@ -857,6 +872,10 @@ fn the_supervised_control_of_a_config_differs_in_its_name_and_loss_alone() {
             .unwrap(),
     );
     assert!(!a.supervised && b.supervised);
+    // Applied once: a control's own config (a run's config.yaml) stays as it is.
+    let again = davi_train::davi::supervised_control(control.clone()).unwrap();
+    assert_eq!(again.name, control.name);
+    assert_eq!(again.hash(), control.hash());
     assert_eq!(
         (a.steps, a.batch_size, a.seed, a.lr, a.t_ikl, &a.teacher),
         (b.steps, b.batch_size, b.seed, b.lr, b.t_ikl, &b.teacher)
