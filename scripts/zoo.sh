@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
-# `make zoo`: retrains every shipped model from its committed config: the two priors
-# (fmnist32-prior, photo32-prior), then the DAVI task models from them (their configs' `teacher`
-# is the prior's zoo checkpoint), exports each to models/zoo/<name>/ with its parity fixtures (the
-# weights stored once, in fp16, inside model.onnx), and evaluates that model (DAVI vs DPS vs the
-# lifted measurement) into its card.yaml. The priors ship their EMA weights in fp16 too; the run
-# folders keep every checkpoint in f32.
-#   DEVICE=auto|cpu|cuda   where to train (default auto)     STAGE=train|export|all (default all)
+# `make zoo`: retrains every shipped model from its committed config and benchmarks it fairly:
+#   1. the priors (fmnist32-prior, photo32-prior), their EMA weights shipped in fp16;
+#   2. the DAVI task models from them (each config's `teacher` is its prior's zoo checkpoint), and
+#      the supervised control of each Fashion-MNIST task (`davi-train davi --supervised`: the same
+#      network, pairs, steps and seed, plain MSE);
+#   3. export of each to models/zoo/<name>/ (weights once, fp16, inside model.onnx) with parity
+#      fixtures, its validation curve beside it;
+#   4. DPS's step size tuned on validation images (`davi-train tune-dps`, into the card);
+#   5. `davi-train eval` into the card: DAVI and the lifted measurement on EVAL_N test images,
+#      DDRM (20 steps) on the same, the supervised control on the same measurements and noise, DPS
+#      with the tuned step on the first DPS_N, every method also on those (paired), FID/KID on the
+#      Fashion-MNIST classifier's features; and for photo models the whole held-out photographs
+#      restored tile by tile (scripts/photo-eval.sh).
+# Every training resumes from its run folder, so the script can be stopped and rerun.
+#   DEVICE=auto|cpu|cuda   where to train (default auto)
+#   STAGE=train|export|tune|eval|all (default all; eval includes the photo evaluation)
 #   PRIORS, MODELS          which priors / task models (default: all of them)
+#   CONTROLS                task models that get a supervised control (default: the fmnist32 ones)
 #   RUNS                    run folders (default runs/)
-#   DPS_STEPS, DPS_N, EVAL_N  evaluation sizes (defaults 1000, 16, 1000)
+#   EVAL_N, DPS_N, DPS_STEPS, TUNE_N   evaluation sizes (defaults 1000, 64, 1000, 16)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/release
 DEVICE=${DEVICE:-auto}
 STAGE=${STAGE:-all}
 PRIORS=${PRIORS:-"fmnist32-prior photo32-prior"}
-MODELS=${MODELS:-"fmnist32-deblur fmnist32-sr4 fmnist32-inpaint fmnist32-denoise photo32-colorize"}
+MODELS=${MODELS:-"fmnist32-deblur fmnist32-sr4 fmnist32-inpaint fmnist32-denoise photo32-colorize photo32-denoise photo32-sr4 photo32-deblur"}
+CONTROLS=${CONTROLS:-"fmnist32-deblur fmnist32-sr4 fmnist32-inpaint fmnist32-denoise"}
 RUNS=${RUNS:-runs}
-if [ "$STAGE" != export ]; then
+stage() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }
+has_control() { [[ " $CONTROLS " == *" $1 "* ]]; }
+if stage train; then
   for p in $PRIORS; do
     $BIN/davi-train prior --config "models/configs/$p.yaml" --device "$DEVICE" --run "$RUNS/$p"
     mkdir -p "models/zoo/$p"
@@ -26,22 +39,43 @@ if [ "$STAGE" != export ]; then
   done
   for name in $MODELS; do
     $BIN/davi-train davi --config "models/configs/$name.yaml" --device "$DEVICE" --run "$RUNS/$name"
+    if has_control "$name"; then
+      $BIN/davi-train davi --supervised --config "models/configs/$name.yaml" --device "$DEVICE" \
+        --run "$RUNS/$name-supervised"
+    fi
   done
 fi
-[ "$STAGE" = train ] && exit 0
-for name in $MODELS; do
-  dir=models/zoo/$name
-  mkdir -p "$dir"
-  $BIN/davi-train export --half-weights --checkpoint "$RUNS/$name/ema.safetensors" \
-    --config "models/configs/$name.yaml" -o "$dir/model.onnx"
-  features=()
-  case $name in fmnist32-*) features=(--features models/zoo/fmnist-classifier/weights.safetensors) ;; esac
-  $BIN/davi-train eval --checkpoint "$dir/model.onnx" --config "models/configs/$name.yaml" "${features[@]}" \
-    -n "${EVAL_N:-1000}" --dps-steps "${DPS_STEPS:-1000}" --dps-n "${DPS_N:-16}" --device "$DEVICE" \
-    -o "$RUNS/$name/eval" --card "$dir/card.yaml"
-  cp "$RUNS/$name/eval/sheet.png" "$dir/sheet.png"
-  # Validation PSNR every 500 steps and its curve, when the run validated.
-  for f in validation.csv validation.png; do
-    [ -f "$RUNS/$name/$f" ] && cp "$RUNS/$name/$f" "$dir/$f"
+if stage export; then
+  for name in $MODELS; do
+    dir=models/zoo/$name
+    mkdir -p "$dir"
+    $BIN/davi-train export --half-weights --checkpoint "$RUNS/$name/ema.safetensors" \
+      --config "models/configs/$name.yaml" -o "$dir/model.onnx"
+    # Validation PSNR every 500 steps and its curve, when the run validated.
+    for f in validation.csv validation.png; do
+      if [ -f "$RUNS/$name/$f" ]; then cp "$RUNS/$name/$f" "$dir/$f"; fi
+    done
   done
-done
+fi
+if stage tune; then
+  for name in $MODELS; do
+    $BIN/davi-train tune-dps --config "models/configs/$name.yaml" --card "models/zoo/$name/card.yaml" \
+      -n "${TUNE_N:-16}" --dps-steps "${DPS_STEPS:-1000}" --device "$DEVICE"
+  done
+fi
+if stage eval; then
+  for name in $MODELS; do
+    dir=models/zoo/$name
+    extra=()
+    case $name in fmnist32-*) extra+=(--features models/zoo/fmnist-classifier/weights.safetensors) ;; esac
+    if has_control "$name" && [ -f "$RUNS/$name-supervised/ema.safetensors" ]; then
+      extra+=(--supervised "$RUNS/$name-supervised/ema.safetensors")
+    fi
+    # The weights as shipped (fp16, read back from model.onnx); the run gives steps and time.
+    $BIN/davi-train eval --checkpoint "$dir/model.onnx" --config "models/configs/$name.yaml" \
+      "${extra[@]}" -n "${EVAL_N:-1000}" --dps-steps "${DPS_STEPS:-1000}" --dps-n "${DPS_N:-64}" \
+      --device "$DEVICE" -o "$RUNS/$name/eval" --card "$dir/card.yaml" --trained-in "$RUNS/$name"
+    cp "$RUNS/$name/eval/sheet.png" "$dir/sheet.png"
+    case $name in photo32-*) scripts/photo-eval.sh "$name" "$RUNS/$name/photo-eval" ;; esac
+  done
+fi

@@ -150,6 +150,10 @@ pub struct EvalArgs {
     /// scored on the same measurements.
     #[arg(long)]
     pub supervised: Option<PathBuf>,
+    /// The run folder the model trained in: its steps and training time go into the card
+    /// (default: the checkpoint's folder, when it is a run).
+    #[arg(long)]
+    pub trained_in: Option<PathBuf>,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: Device,
@@ -423,6 +427,7 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
         features: a.features,
         ddrm_steps: a.ddrm_steps,
         supervised: a.supervised,
+        trained_in: a.trained_in,
     };
     let r = crate::eval::eval(&args)?;
     print!("{}", crate::eval::markdown(&r));

@@ -54,6 +54,9 @@ pub struct EvalArgs {
     /// The supervised control's checkpoint (same network, plain MSE), scored on the same
     /// measurements and noise as DAVI.
     pub supervised: Option<PathBuf>,
+    /// The run folder the model trained in (its `state.json` gives the card's steps and time;
+    /// default: the checkpoint's folder, when it is a run).
+    pub trained_in: Option<PathBuf>,
 }
 
 /// One method's scores.
@@ -612,7 +615,15 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
         &args.out.join("sheet.png"),
     )?;
     if let Some(card_path) = &args.card {
-        update_card(card_path, &args.checkpoint, &cfg, &report)?;
+        let run_dir = match &args.trained_in {
+            Some(d) => d.clone(),
+            None => args
+                .checkpoint
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+        };
+        update_card(card_path, &run_dir, &cfg, &report)?;
     }
     Ok(report)
 }
@@ -674,7 +685,50 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
-fn update_card(path: &Path, checkpoint: &Path, cfg: &DaviConfig, r: &Report) -> Result<()> {
+/// A card for `cfg` with no scores yet: name, task and operator, and its data in words.
+pub fn blank_card(cfg: &DaviConfig) -> Result<ModelCard> {
+    let s = cfg.unet.image_size;
+    let data = match &cfg.data {
+        Some(DataConfig::FashionMnist { .. }) => {
+            "Fashion-MNIST (60,000 training images, 28x28 grey padded to 32x32)".into()
+        }
+        Some(DataConfig::Photos {
+            dir,
+            extra_dirs,
+            test_photos,
+            downscale,
+        }) => {
+            let dirs = std::iter::once(dir)
+                .chain(extra_dirs)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if test_photos.is_empty() {
+                format!("{s}x{s} crops of the photographs in {dirs}, downscaled by {downscale} (left 80% of each; the right 20% test)")
+            } else {
+                format!(
+                    "{s}x{s} crops of the photographs in {dirs}, downscaled by {downscale}; held out whole for test (no scene shared): {}",
+                    test_photos.join(", ")
+                )
+            }
+        }
+        Some(DataConfig::Folder { dir }) => format!("images of {dir}"),
+        None => "unknown".into(),
+    };
+    Ok(ModelCard {
+        name: cfg.name.clone(),
+        task: cfg.task()?.clone(),
+        data,
+        training_steps: 0,
+        training_seconds: 0.0,
+        notes: None,
+        eval: None,
+        dps_tuning: None,
+        whole_photos: None,
+    })
+}
+
+fn update_card(path: &Path, run_dir: &Path, cfg: &DaviConfig, r: &Report) -> Result<()> {
     let row = |m: &MethodScores| EvalRow {
         n: Some(m.n),
         psnr: m.psnr,
@@ -690,34 +744,16 @@ fn update_card(path: &Path, checkpoint: &Path, cfg: &DaviConfig, r: &Report) -> 
         serde_yaml::from_str(&std::fs::read_to_string(path)?)
             .with_context(|| format!("{}: bad card", path.display()))?
     } else {
-        // Steps and time from the run folder of the checkpoint, when it is one.
-        let state = checkpoint
-            .parent()
-            .map(|d| d.join("state.json"))
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|s| serde_json::from_str::<crate::run::RunState>(&s).ok());
-        let data = match &cfg.data {
-            Some(DataConfig::FashionMnist { .. }) => {
-                "Fashion-MNIST (60,000 training images, 28x28 grey padded to 32x32)".into()
-            }
-            Some(DataConfig::Photos { .. }) => {
-                "32x32 crops of the scikit-image sample photos (left 80% of each)".into()
-            }
-            Some(DataConfig::Folder { dir }) => format!("images of {dir}"),
-            None => "unknown".into(),
-        };
-        ModelCard {
-            name: cfg.name.clone(),
-            task: cfg.task()?.clone(),
-            data,
-            training_steps: state.as_ref().map_or(0, |s| s.step),
-            training_seconds: state.as_ref().map_or(0.0, |s| s.seconds),
-            notes: None,
-            eval: None,
-            dps_tuning: None,
-            whole_photos: None,
-        }
+        blank_card(cfg)?
     };
+    // Steps and time from the run folder, when there is one.
+    let state = std::fs::read_to_string(run_dir.join("state.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<crate::run::RunState>(&s).ok());
+    if let Some(st) = state {
+        card.training_steps = st.step;
+        card.training_seconds = st.seconds;
+    }
     card.eval = Some(EvalTable {
         n: r.davi.n,
         davi: row(&r.davi),

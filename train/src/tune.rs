@@ -116,7 +116,7 @@ pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
         sweep,
     };
     if let Some(card) = &args.card {
-        write_card(card, &tuning)?;
+        write_card(card, &cfg, &tuning)?;
     }
     Ok(tuning)
 }
@@ -129,8 +129,16 @@ fn best_of(sweep: &[(f64, f64, f64)]) -> f64 {
         .map_or(1.0, |r| r.0)
 }
 
-fn write_card(path: &Path, tuning: &DpsTuning) -> Result<()> {
-    let mut card: ModelCard = serde_yaml::from_str(&std::fs::read_to_string(path)?)?;
+/// Writes the sweep into the card, made from the config when it does not exist yet.
+fn write_card(path: &Path, cfg: &DaviConfig, tuning: &DpsTuning) -> Result<()> {
+    let mut card: ModelCard = if path.exists() {
+        serde_yaml::from_str(&std::fs::read_to_string(path)?)?
+    } else {
+        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d)?;
+        }
+        crate::eval::blank_card(cfg)?
+    };
     card.dps_tuning = Some(tuning.clone());
     crate::run::write_atomic(path, serde_yaml::to_string(&card)?.as_bytes())
 }

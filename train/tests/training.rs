@@ -627,6 +627,7 @@ fn eval_scores_every_method_on_the_same_images_and_writes_them_to_the_card() {
         ddrm_steps: 4,
         // The model itself as the "control": same measurements and noise give the same scores.
         supervised: Some(root.join("models/zoo/fmnist32-sr4/model.onnx")),
+        trained_in: None,
     };
     // A control made for another task, or a DDRM of one step, is refused before any work.
     let wrong = davi_train::eval::EvalArgs {
