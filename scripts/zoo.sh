@@ -15,7 +15,7 @@
 # Every training resumes from its run folder, so the script can be stopped and rerun.
 #   DEVICE=auto|cpu|cuda   where to train (default auto)
 #   STAGE=train|export|tune|eval|all (default all; eval includes the photo evaluation)
-#   PRIORS, MODELS          which priors / task models (default: all of them)
+#   PRIORS, MODELS          which priors / task models (default: all of them; PRIORS="" none)
 #   CONTROLS                task models that get a supervised control (default: the fmnist32 ones)
 #   RUNS                    run folders (default runs/)
 #   EVAL_N, DPS_N, DPS_STEPS, TUNE_N   evaluation sizes (defaults 1000, 64, 1000, 16)
@@ -24,9 +24,9 @@ cd "$(dirname "$0")/.."
 BIN=target/release
 DEVICE=${DEVICE:-auto}
 STAGE=${STAGE:-all}
-PRIORS=${PRIORS:-"fmnist32-prior photo32-prior"}
+PRIORS=${PRIORS-"fmnist32-prior photo32-prior"}
 MODELS=${MODELS:-"fmnist32-deblur fmnist32-sr4 fmnist32-inpaint fmnist32-denoise photo32-colorize photo32-denoise photo32-sr4 photo32-deblur"}
-CONTROLS=${CONTROLS:-"fmnist32-deblur fmnist32-sr4 fmnist32-inpaint fmnist32-denoise"}
+CONTROLS=${CONTROLS-"fmnist32-deblur fmnist32-sr4 fmnist32-inpaint fmnist32-denoise"}
 RUNS=${RUNS:-runs}
 stage() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }
 has_control() { [[ " $CONTROLS " == *" $1 "* ]]; }

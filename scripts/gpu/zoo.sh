@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Trains the Fashion-MNIST zoo (prior + four DAVI task models, `scripts/zoo.sh STAGE=train`) on a
+# Trains the Fashion-MNIST zoo (four DAVI task models and their supervised controls from the
+# shipped prior, `scripts/zoo.sh STAGE=train`) on a
 # GPU machine with torch 2.11.0+cu130 at /opt/torch/.venv and no Rust or network.
 # Here:   scripts/gpu/zoo.sh --prepare   copies davi-train and the Fashion-MNIST IDX files to out/gpu-zoo
 #                                        (carry out/gpu-zoo)
@@ -33,5 +34,6 @@ save() {
   tar czf "$OUT/runs.tgz" -C "$RUNS" --exclude='ckpt-*' --exclude='ema.safetensors' . 2>/dev/null || true
 }
 trap save EXIT
-time timeout "${LIMIT:-530}" env DEVICE=cuda STAGE=train RUNS=$RUNS PRIORS=fmnist32-prior \
+# The shipped fmnist32-prior is every task's teacher (PRIORS=fmnist32-prior retrains it too).
+time timeout "${LIMIT:-530}" env DEVICE=cuda STAGE=train RUNS=$RUNS PRIORS="${PRIORS-}" \
   MODELS="fmnist32-deblur fmnist32-sr4 fmnist32-inpaint fmnist32-denoise" scripts/zoo.sh 2>&1 | grep -v "^\s*$" | tail -20 || echo "gpu-zoo: stopped by the time limit; the finished parts are saved"
