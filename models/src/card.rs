@@ -24,6 +24,13 @@ pub struct DiffusionConfig {
     pub bridge_schedule: Option<BetaSchedule>,
 }
 
+impl DiffusionConfig {
+    /// The bridge's schedule: `bridge_schedule`, else the prior's.
+    pub fn bridge(&self) -> BetaSchedule {
+        self.bridge_schedule.unwrap_or(self.schedule)
+    }
+}
+
 impl Default for DiffusionConfig {
     fn default() -> Self {
         Self {

@@ -27,11 +27,7 @@ impl Implicit {
     /// Builds `I_phi` from a model config.
     pub fn new(cfg: &DaviConfig) -> Result<Self> {
         let unet = UNetModel::new(&cfg.unet)?;
-        let bridge_schedule = cfg
-            .diffusion
-            .bridge_schedule
-            .unwrap_or(cfg.diffusion.schedule);
-        let diffusion = Diffusion::new(bridge_schedule, cfg.diffusion.steps);
+        let diffusion = Diffusion::new(cfg.diffusion.bridge(), cfg.diffusion.steps);
         let channels = cfg.unet.in_channels;
         let size = cfg.unet.image_size;
         let task = cfg.task()?;

@@ -107,6 +107,9 @@ pub struct Trainer {
     pub device: Device,
     /// Validation pairs `(y, z, x0)`, when the run validates.
     pub validation: Option<(Tensor, Tensor, Tensor)>,
+    /// The IKL draws teacher steps `0..ikl_steps`: `t_ikl` on the teacher's schedule
+    /// ([`crate::config::ikl_steps`]).
+    pub ikl_steps: usize,
 }
 
 pub use crate::losses::measure;
@@ -147,13 +150,7 @@ impl Trainer {
         if hp.t_ikl == 0 || hp.t_ikl > diffusion.steps() {
             bail!("t_ikl {} must be in 1..={}", hp.t_ikl, diffusion.steps());
         }
-        let bridge_diffusion = Diffusion::new(
-            cfg.diffusion
-                .bridge_schedule
-                .unwrap_or(cfg.diffusion.schedule),
-            cfg.diffusion.steps,
-        );
-        let mut hp = hp;
+        let bridge_diffusion = Diffusion::new(cfg.diffusion.bridge(), cfg.diffusion.steps);
         let k =
             crate::config::ikl_steps(hp.t_ikl, hp.t_ikl_schedule, &diffusion, &bridge_diffusion);
         if k != hp.t_ikl {
@@ -162,8 +159,6 @@ impl Trainer {
                 hp.t_ikl
             );
         }
-        hp.t_ikl = k;
-        hp.t_ikl_schedule = crate::config::TIklSchedule::Teacher;
         Ok(Self {
             implicit,
             diffusion,
@@ -178,6 +173,7 @@ impl Trainer {
             sigma_y: cfg.task()?.sigma_y,
             device,
             validation: None,
+            ikl_steps: k,
         })
     }
 
@@ -198,6 +194,7 @@ impl Trainer {
     /// One DAVI step on a batch of clean images; `step` seeds its randomness.
     pub fn step(&mut self, x0: &Tensor, step: usize) -> Result<Terms> {
         let hp = self.hp.clone();
+        let ikl_steps = self.ikl_steps;
         let mut rng = step_rng(hp.seed, step);
         tch::manual_seed((hp.seed as i64).wrapping_add(step as i64));
         let n = x0.size()[0] as usize;
@@ -220,7 +217,7 @@ impl Trainer {
                 .collect()
         };
         let draw_t = |rng: &mut rand_chacha::ChaCha8Rng| -> Vec<usize> {
-            (0..n).map(|_| rng.random_range(0..hp.t_ikl)).collect()
+            (0..n).map(|_| rng.random_range(0..ikl_steps)).collect()
         };
 
         if hp.supervised {

@@ -67,7 +67,7 @@ impl Svd {
         let b = TchBackend::new(Default::default(), Device::Cpu);
         let svd = match *op {
             Operator::Deblur { .. } => Self::separable_blur(op, &b, c, s)?,
-            _ => Self::dense(op, &b, c, s)?,
+            _ => Self::dense(op, c, s)?,
         };
         Ok(Self {
             u: svd.u.to_device(device),
@@ -88,7 +88,7 @@ impl Svd {
             .to_kind(Kind::Double)
     }
 
-    fn dense(op: &Operator, _b: &TchBackend, c: usize, s: usize) -> Result<Self> {
+    fn dense(op: &Operator, c: usize, s: usize) -> Result<Self> {
         let h = Self::matrix(op, c, s);
         let (u, sv, v) = h.svd(false, true); // full U and V, as the official torch.svd(some=False)
                                              // Singular values of exactly zero (the inpainted box) are not observed at all: the

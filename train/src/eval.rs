@@ -329,15 +329,19 @@ fn run_ddrm(
         nfe = k;
         outs.push(o);
     }
-    let secs = t.elapsed().as_secs_f64();
     let o = Tensor::cat(&outs, 0);
+    let _ = o.sum(Kind::Float).double_value(&[]); // synchronise before timing
+    let secs = t.elapsed().as_secs_f64();
     Ok((scores(&arr4(&o), &arr4(&run.x), nfe, secs), o))
 }
 
 /// An exported model given for `cfg` must invert the same operator at the same size: its
 /// metadata (`davi.operator`, `davi.image_size`, `davi.channels`) is checked.
 fn check_exported(path: &Path, cfg: &DaviConfig) -> Result<()> {
-    if path.extension().is_none_or(|e| e != "onnx") {
+    if path
+        .extension()
+        .is_none_or(|e| !e.eq_ignore_ascii_case("onnx"))
+    {
         return Ok(());
     }
     let m = davi_export::metadata(&davi_export::read_model(path)?);
@@ -367,6 +371,29 @@ fn check_exported(path: &Path, cfg: &DaviConfig) -> Result<()> {
     Ok(())
 }
 
+/// A control checkpoint in a run folder must come from this config's control: the run's
+/// `state.json` records the hash of the config it trained on.
+fn check_control_run(path: &Path, cfg: &DaviConfig) -> Result<()> {
+    let Some(state) = path
+        .parent()
+        .map(|d| d.join("state.json"))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|s| serde_json::from_str::<crate::run::RunState>(&s).ok())
+    else {
+        return Ok(());
+    };
+    let want = crate::davi::supervised_control(cfg.clone())?.hash();
+    if state.config_hash != want {
+        anyhow::bail!(
+            "{}: its run trained on another config (hash {}) than the supervised control of {} ({want})",
+            path.display(),
+            state.config_hash,
+            cfg.name
+        );
+    }
+    Ok(())
+}
+
 /// The supervised control's `I_phi` on DAVI's measurements and noise: scores and images.
 fn run_supervised(
     implicit: &Implicit,
@@ -385,8 +412,9 @@ fn run_supervised(
             implicit.restore(&b, &y.narrow(0, st, m), &z.narrow(0, st, m))
         })?);
     }
-    let secs = t.elapsed().as_secs_f64();
     let o = Tensor::cat(&outs, 0);
+    let _ = o.sum(Kind::Float).double_value(&[]); // synchronise before timing
+    let secs = t.elapsed().as_secs_f64();
     Ok((scores(&arr4(&o), &arr4(&run.x), 1, secs), o))
 }
 
@@ -472,6 +500,7 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
     check_exported(&args.checkpoint, &cfg)?;
     if let Some(p) = &args.supervised {
         check_exported(p, &cfg)?;
+        check_control_run(p, &cfg)?;
     }
     let t_max = cfg.diffusion.steps;
     if args.ddrm_steps == 1 || args.ddrm_steps > t_max {
@@ -504,6 +533,9 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
         tracing::warn!(
             "DDRM skipped: {c}x{s}x{s} images are too large for its dense decomposition"
         );
+    }
+    if (args.ddrm_steps > 0 || dps_n > 0) && teacher_path.is_empty() {
+        tracing::warn!("DDRM and DPS skipped: no prior (give --teacher or train.davi.teacher)");
     }
     let teacher = if (dps_n > 0 || (args.ddrm_steps > 0 && ddrm_fits)) && !teacher_path.is_empty() {
         Some(checkpoint::load_backend(

@@ -134,18 +134,13 @@ impl Run {
         f.write_all(format!("{step},{psnr:.4}\n").as_bytes())?;
         drop(f);
         // validation.png: PSNR against step, so the reader sees where it flattens.
-        let rows: Vec<Vec<f64>> = std::fs::read_to_string(&p)?
-            .lines()
-            .skip(1)
-            .map(|l| l.split(',').filter_map(|v| v.parse().ok()).collect())
-            .collect();
-        if rows.len() >= 2 {
-            let img = crate::plot::linear_curves(&rows, &["psnr".into()], 480, 270);
-            let mut buf = Vec::new();
-            img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
-            write_atomic(&self.dir.join("validation.png"), &buf)?;
-        }
-        Ok(())
+        plot_csv(
+            &p,
+            &self.dir.join("validation.png"),
+            &["psnr".into()],
+            (480, 270),
+            false,
+        )
     }
 
     /// Drops metric rows after `step` (written after the last checkpoint of a killed run).
@@ -194,20 +189,40 @@ impl Run {
 
     /// Draws the loss curve(s) of `metrics.csv` to `loss.png` (log scale).
     pub fn plot(&self) -> Result<()> {
-        let s = std::fs::read_to_string(self.dir.join("metrics.csv"))?;
-        let rows: Vec<Vec<f64>> = s
-            .lines()
-            .skip(1)
-            .map(|l| l.split(',').filter_map(|v| v.parse().ok()).collect())
-            .collect();
-        if rows.len() < 2 {
-            return Ok(());
-        }
-        let img = crate::plot::curves(&rows, &self.columns, 640, 360);
-        let mut buf = Vec::new();
-        img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
-        write_atomic(&self.dir.join("loss.png"), &buf)
+        plot_csv(
+            &self.dir.join("metrics.csv"),
+            &self.dir.join("loss.png"),
+            &self.columns,
+            (640, 360),
+            true,
+        )
     }
+}
+
+/// The curves of a CSV (first column the step) as a PNG, once it has two rows.
+fn plot_csv(
+    csv: &Path,
+    png: &Path,
+    columns: &[String],
+    (w, h): (u32, u32),
+    log: bool,
+) -> Result<()> {
+    let rows: Vec<Vec<f64>> = std::fs::read_to_string(csv)?
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').filter_map(|v| v.parse().ok()).collect())
+        .collect();
+    if rows.len() < 2 {
+        return Ok(());
+    }
+    let img = if log {
+        crate::plot::curves(&rows, columns, w, h)
+    } else {
+        crate::plot::linear_curves(&rows, columns, w, h)
+    };
+    let mut buf = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)?;
+    write_atomic(png, &buf)
 }
 
 /// Keeps the header and the rows whose first column is at most `step`.

@@ -639,6 +639,20 @@ fn eval_scores_every_method_on_the_same_images_and_writes_them_to_the_card() {
         e.contains("fmnist32-denoise") && e.contains("made for"),
         "{e}"
     );
+    // A control checkpoint from a run of another config (its state.json says which).
+    let other = tmp.path().join("other-run");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(
+        other.join("state.json"),
+        r#"{"step": 3, "checkpoint": "ckpt-00000003.safetensors", "config_hash": "0123456789abcdef", "seconds": 1.0}"#,
+    )
+    .unwrap();
+    let foreign = davi_train::eval::EvalArgs {
+        supervised: Some(other.join("ema.safetensors")),
+        ..args.clone()
+    };
+    let e = format!("{:#}", davi_train::eval::eval(&foreign).err().unwrap());
+    assert!(e.contains("another config"), "{e}");
     let one = davi_train::eval::EvalArgs {
         ddrm_steps: 1,
         ..args.clone()
