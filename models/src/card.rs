@@ -325,6 +325,14 @@ pub struct DpsTuning {
     pub steps: usize,
     /// `(zeta, mean PSNR, mean SSIM)` of each zeta tried, in the order tried.
     pub sweep: Vec<(f64, f64, f64)>,
-    /// The chosen zeta: the best mean PSNR.
+    /// The chosen zeta: the best mean PSNR (of the sweep so far, while incomplete).
     pub zeta: f64,
+    /// Whether every zeta of the sweep ran (`tune-dps` records each as it finishes, so a stopped
+    /// sweep resumes; `eval` takes only a complete one).
+    #[serde(default = "complete_default")]
+    pub complete: bool,
+}
+
+fn complete_default() -> bool {
+    true
 }

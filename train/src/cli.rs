@@ -442,7 +442,14 @@ fn tuned_zeta(card: Option<&std::path::Path>) -> Result<Option<f64>> {
     };
     let c: davi_models::card::ModelCard = serde_yaml::from_str(&std::fs::read_to_string(p)?)
         .with_context(|| format!("{}: bad card", p.display()))?;
-    Ok(c.dps_tuning.map(|t| t.zeta))
+    match c.dps_tuning {
+        Some(t) if !t.complete => anyhow::bail!(
+            "{}: its DPS sweep stopped after {} zetas; rerun `davi-train tune-dps --card` (it resumes) or give --dps-zeta",
+            p.display(),
+            t.sweep.len()
+        ),
+        t => Ok(t.map(|t| t.zeta)),
+    }
 }
 
 /// Sweep DPS's step size on validation images (never the test split).
@@ -730,4 +737,36 @@ pub fn sample(a: SampleArgs) -> Result<ExitCode> {
         t.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eval_takes_only_a_complete_dps_sweep() {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let tmp = tempfile::tempdir().unwrap();
+        let card = tmp.path().join("card.yaml");
+        let mut c: davi_models::card::ModelCard = serde_yaml::from_str(
+            &std::fs::read_to_string(root.join("models/zoo/fmnist32-sr4/card.yaml")).unwrap(),
+        )
+        .unwrap();
+        let mut t = davi_models::card::DpsTuning {
+            split: "validation".into(),
+            n: 2,
+            steps: 4,
+            sweep: vec![(0.3, 20.0, 0.5)],
+            zeta: 0.3,
+            complete: false,
+        };
+        c.dps_tuning = Some(t.clone());
+        std::fs::write(&card, serde_yaml::to_string(&c).unwrap()).unwrap();
+        let e = tuned_zeta(Some(&card)).unwrap_err().to_string();
+        assert!(e.contains("stopped after 1"), "{e}");
+        t.complete = true;
+        c.dps_tuning = Some(t);
+        std::fs::write(&card, serde_yaml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(tuned_zeta(Some(&card)).unwrap(), Some(0.3));
+    }
 }

@@ -64,27 +64,62 @@ pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
     let cb = TchBackend::new(Default::default(), args.device);
     let y =
         tch::no_grad(|| measure(&implicit.operator, &cb, &x0, c, s, task.sigma_y)).clamp(-1.0, 1.0);
-    let run = |zeta: f64| -> Result<(f64, f64, f64)> {
-        let cfg_dps = Dps {
-            steps: args.steps,
-            zeta,
-        };
-        let (out, _) = dps::restore(
-            &implicit.unet,
-            &bt,
-            &diff,
-            &implicit.operator,
-            &y,
-            &cfg_dps,
-            7,
-        )?;
-        let (p, q) = mean_psnr_ssim(&out, &x0);
-        eprintln!("tune-dps: zeta {zeta}: PSNR {p:.2} dB, SSIM {q:.4} on {n} validation images");
-        Ok((zeta, p, q))
+    let split = format!("validation: the last {n} images of the training split");
+    // Zetas already measured on the same images and steps (a stopped sweep) are not rerun.
+    let done: Vec<(f64, f64, f64)> = match &args.card {
+        Some(card) if card.is_file() => {
+            let c: ModelCard = serde_yaml::from_str(&std::fs::read_to_string(card)?)?;
+            match c.dps_tuning {
+                Some(t) if t.split == split && t.n == n && t.steps == args.steps => t.sweep,
+                _ => Vec::new(),
+            }
+        }
+        _ => Vec::new(),
     };
-    let mut sweep = Vec::new();
+    let mut sweep: Vec<(f64, f64, f64)> = Vec::new();
+    // Each zeta is recorded in the card as it finishes (`complete: false` until the last).
+    let record = |sweep: &[(f64, f64, f64)], complete: bool| -> Result<()> {
+        if let Some(card) = &args.card {
+            let t = DpsTuning {
+                split: split.clone(),
+                n,
+                steps: args.steps,
+                zeta: best_of(sweep),
+                sweep: sweep.to_vec(),
+                complete,
+            };
+            write_card(card, &cfg, &t)?;
+        }
+        Ok(())
+    };
+    let run = |zeta: f64, sweep: &mut Vec<(f64, f64, f64)>| -> Result<()> {
+        if let Some(r) = done.iter().find(|r| r.0 == zeta) {
+            eprintln!("tune-dps: zeta {zeta}: PSNR {:.2} dB (recorded)", r.1);
+            sweep.push(*r);
+        } else {
+            let cfg_dps = Dps {
+                steps: args.steps,
+                zeta,
+            };
+            let (out, _) = dps::restore(
+                &implicit.unet,
+                &bt,
+                &diff,
+                &implicit.operator,
+                &y,
+                &cfg_dps,
+                7,
+            )?;
+            let (p, q) = mean_psnr_ssim(&out, &x0);
+            eprintln!(
+                "tune-dps: zeta {zeta}: PSNR {p:.2} dB, SSIM {q:.4} on {n} validation images"
+            );
+            sweep.push((zeta, p, q));
+        }
+        record(sweep, false)
+    };
     for &z in &args.zetas {
-        sweep.push(run(z)?);
+        run(z, &mut sweep)?;
     }
     if args.refine && args.zetas.len() > 1 {
         let mut grid = args.zetas.clone();
@@ -97,7 +132,6 @@ pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
             .map(|j| (grid[j] * best).sqrt())
             .filter(|&z| z > 0.0)
             .collect();
-        // Best at an end of the grid: one more grid step outward too.
         let inner = if i == 0 { grid.get(1) } else { grid.get(i - 1) };
         if (i == 0 || i + 1 == grid.len()) && best > 0.0 {
             if let Some(&j) = inner.filter(|&&j| j > 0.0) {
@@ -105,23 +139,21 @@ pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
             }
         }
         for z in mids {
-            sweep.push(run(z)?);
+            run(z, &mut sweep)?;
         }
     }
+    record(&sweep, true)?;
     let tuning = DpsTuning {
-        split: format!("validation: the last {n} images of the training split"),
+        split,
         n,
         steps: args.steps,
         zeta: best_of(&sweep),
         sweep,
+        complete: true,
     };
-    if let Some(card) = &args.card {
-        write_card(card, &cfg, &tuning)?;
-    }
     Ok(tuning)
 }
 
-/// The zeta of the best mean PSNR.
 fn best_of(sweep: &[(f64, f64, f64)]) -> f64 {
     sweep
         .iter()

@@ -748,6 +748,32 @@ fn dps_tuning_sweeps_validation_images_and_records_the_choice_in_the_card() {
     let c: davi_models::card::ModelCard =
         serde_yaml::from_str(&std::fs::read_to_string(&card).unwrap()).unwrap();
     assert_eq!(c.dps_tuning.unwrap(), t);
+    assert!(t.complete);
+    // A stopped sweep resumes: a zeta recorded on the same images and steps is not rerun (its
+    // recorded score, here a marker no DPS run gives, comes back), and the sweep completes.
+    let mut c: davi_models::card::ModelCard =
+        serde_yaml::from_str(&std::fs::read_to_string(&card).unwrap()).unwrap();
+    let mut partial = t.clone();
+    partial.sweep = vec![(0.01, 99.0, 0.5)];
+    partial.complete = false;
+    c.dps_tuning = Some(partial);
+    std::fs::write(&card, serde_yaml::to_string(&c).unwrap()).unwrap();
+    let resumed = davi_train::tune::tune(&davi_train::tune::TuneArgs {
+        config: root.join("models/configs/fmnist32-sr4.yaml"),
+        teacher: Some(root.join("models/zoo/fmnist32-prior/ema.safetensors")),
+        zetas: vec![0.01, 1.0],
+        refine: false,
+        n: 2,
+        steps: 4,
+        device: Device::Cpu,
+        card: Some(card.clone()),
+    })
+    .unwrap();
+    assert_eq!(resumed.sweep[0], (0.01, 99.0, 0.5));
+    assert_eq!(resumed.sweep[1].0, 1.0);
+    let c: davi_models::card::ModelCard =
+        serde_yaml::from_str(&std::fs::read_to_string(&card).unwrap()).unwrap();
+    assert!(c.dps_tuning.unwrap().complete);
     assert!(davi_train::tune::tune(&davi_train::tune::TuneArgs {
         config: root.join("models/configs/fmnist32-sr4.yaml"),
         teacher: None,
