@@ -42,17 +42,17 @@ e = json.load(open(path))
 print(f"| {t} | {len(e['images'])} | {e['psnr']:.2f} ± {e['psnr_ci95']:.2f} | {m} | {e['ssim']:.4f} |")
 PY
 done
-# Whole photographs, larger than the model, restored tile by tile: every photo model that ships
-# a models/samples/<name>/photo folder.
-if [ "$zoo" = models/zoo ]; then
-  for photo in models/samples/photo32-*/photo; do
-    [ -d "$photo" ] || continue
-    t=$(basename "$(dirname "$photo")")
-    [ -f "$zoo/$t/model.onnx" ] || continue
+# Whole photographs, larger than the model, restored tile by tile: the photographs in
+# models/samples/photo/ (held out from every photo model's training) through every photo model.
+if [ "$zoo" = models/zoo ] && [ -d models/samples/photo ]; then
+  photo=models/samples/photo
+  for m in "$zoo"/photo32-*/model.onnx; do
+    [ -f "$m" ] || continue
+    t=$(basename "$(dirname "$m")")
     echo "demo: $t on the whole photograph(s) in $photo, tile by tile"
     rm -rf "out/photo/$t"
-    $DAVI degrade -m "$zoo/$t/model.onnx" -i "$photo" -o "out/photo/$t/measured" --lift "out/photo/$t/lifted" --seed 0
-    $DAVI restore -m "$zoo/$t/model.onnx" -i "out/photo/$t/measured" -o "out/photo/$t/restored" --seed 0
+    $DAVI degrade -m "$m" -i "$photo" -o "out/photo/$t/measured" --lift "out/photo/$t/lifted" --seed 0
+    $DAVI restore -m "$m" -i "out/photo/$t/measured" -o "out/photo/$t/restored" --seed 0
     $DAVI eval --restored "out/photo/$t/restored" --reference "$photo" --json "out/photo/$t/eval.json" \
       --sheet "out/photo/$t.sheet.png" --measurement "out/photo/$t/lifted" > /dev/null
     $DAVI eval --restored "out/photo/$t/lifted" --reference "$photo" --json "out/photo/$t/lifted.json" > /dev/null

@@ -7,11 +7,12 @@
 # card's `whole_photos` table.
 #   scripts/photo-eval.sh NAME [OUT]     NAME: photo32-denoise, photo32-sr4, photo32-deblur, ...
 #   CARD=...   the card to write (default models/zoo/NAME/card.yaml)
+#   BIN=...    the built binaries (default target/release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?usage: scripts/photo-eval.sh NAME [OUT]}
 OUT=${2:-out/photo-eval/$NAME}
-B=target/release
+B=${BIN:-target/release}
 M=models/zoo/$NAME/model.onnx
 C=models/configs/$NAME.yaml
 CARD=${CARD:-models/zoo/$NAME/card.yaml}

@@ -18,10 +18,12 @@
 #   PRIORS, MODELS          which priors / task models (default: all of them; PRIORS="" none)
 #   CONTROLS                task models that get a supervised control (default: the fmnist32 ones)
 #   RUNS                    run folders (default runs/)
+#   BIN                     the built binaries (default target/release)
 #   EVAL_N, DPS_N, DPS_STEPS, TUNE_N   evaluation sizes (defaults 1000, 64, 1000, 16)
+#   ZETAS                   DPS's step-size grid, refined around its best (default 0.03,0.1,0.3,1,3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=target/release
+BIN=${BIN:-target/release}
 DEVICE=${DEVICE:-auto}
 STAGE=${STAGE:-all}
 PRIORS=${PRIORS-"fmnist32-prior photo32-prior"}
@@ -60,7 +62,7 @@ fi
 if stage tune; then
   for name in $MODELS; do
     $BIN/davi-train tune-dps --config "models/configs/$name.yaml" --card "models/zoo/$name/card.yaml" \
-      -n "${TUNE_N:-16}" --dps-steps "${DPS_STEPS:-1000}" --device "$DEVICE"
+      -n "${TUNE_N:-16}" --zeta "${ZETAS:-0.03,0.1,0.3,1,3}" --dps-steps "${DPS_STEPS:-1000}" --device "$DEVICE"
   done
 fi
 if stage eval; then
@@ -76,6 +78,6 @@ if stage eval; then
       "${extra[@]}" -n "${EVAL_N:-1000}" --dps-steps "${DPS_STEPS:-1000}" --dps-n "${DPS_N:-64}" \
       --device "$DEVICE" -o "$RUNS/$name/eval" --card "$dir/card.yaml" --trained-in "$RUNS/$name"
     cp "$RUNS/$name/eval/sheet.png" "$dir/sheet.png"
-    case $name in photo32-*) scripts/photo-eval.sh "$name" "$RUNS/$name/photo-eval" ;; esac
+    case $name in photo32-*) BIN=$BIN scripts/photo-eval.sh "$name" "$RUNS/$name/photo-eval" ;; esac
   done
 fi

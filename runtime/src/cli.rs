@@ -185,7 +185,7 @@ pub struct EvalArgs {
     /// Write the Markdown table to a file too.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
-    /// Write a contact sheet PNG (measurement | restored | reference).
+    /// Write a contact sheet (measurement | restored | reference; PNG, or JPEG/WebP by extension).
     #[arg(long)]
     pub sheet: Option<PathBuf>,
     /// The measurements, for the sheet's first column.

@@ -126,8 +126,16 @@ impl Evaluation {
     }
 }
 
+/// How much [`sheet`] magnifies an image of `w` x `h`: 4x for the 32 px crops, less for larger
+/// images so that a row is about 128 px high or more, never below 1x.
+pub fn sheet_magnification(w: u32, h: u32) -> u32 {
+    (128 / w.max(h).max(1)).clamp(1, 4)
+}
+
 /// A contact sheet: one row per image (up to `rows`), columns measurement (nearest-upscaled to
-/// the image size, when given) | restored | reference, 2 px white gaps, 4x magnified.
+/// the image size, when given) | restored | reference, 2 px white gaps, each row magnified by
+/// [`sheet_magnification`] of its reference; rows of different sizes each keep their own. The
+/// format follows `out`'s extension (`.jpg`/`.jpeg`, `.webp`; PNG otherwise).
 pub fn sheet(
     eval: &Evaluation,
     restored: &Path,
@@ -154,6 +162,7 @@ pub fn sheet(
         let reference_img = image::open(reference.join(&s.path))
             .map_err(|e| RuntimeError::file(&reference.join(&s.path), e))?;
         let (w, h) = (reference_img.width(), reference_img.height());
+        let m = sheet_magnification(w, h);
         for d in dirs {
             let p = find(d, &s.path)
                 .ok_or_else(|| RuntimeError::file(&d.join(&s.path), "not found"))?;
@@ -161,7 +170,7 @@ pub fn sheet(
                 .map_err(|e| RuntimeError::file(&p, e))?
                 .to_rgb8();
             let img =
-                image::imageops::resize(&img, w * 4, h * 4, image::imageops::FilterType::Nearest);
+                image::imageops::resize(&img, w * m, h * m, image::imageops::FilterType::Nearest);
             row.push(img);
         }
         tiles.push(row);
@@ -171,27 +180,72 @@ pub fn sheet(
             "no images to put on a contact sheet".into(),
         ));
     }
-    let (tw, th) = (tiles[0][0].width(), tiles[0][0].height());
-    let cols = tiles[0].len() as u32;
     let gap = 2;
-    let mut canvas = image::RgbImage::from_pixel(
-        cols * (tw + gap) + gap,
-        tiles.len() as u32 * (th + gap) + gap,
-        image::Rgb([255, 255, 255]),
-    );
-    for (r, row) in tiles.iter().enumerate() {
-        for (c, t) in row.iter().enumerate() {
-            image::imageops::overlay(
-                &mut canvas,
-                t,
-                (gap + c as u32 * (tw + gap)) as i64,
-                (gap + r as u32 * (th + gap)) as i64,
-            );
+    let row_w = |row: &Vec<image::RgbImage>| row.iter().map(|t| t.width() + gap).sum::<u32>() + gap;
+    let width = tiles.iter().map(row_w).max().unwrap_or(gap);
+    let height = tiles.iter().map(|r| r[0].height() + gap).sum::<u32>() + gap;
+    let mut canvas = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
+    let mut y = gap;
+    for row in &tiles {
+        let mut x = gap;
+        for t in row {
+            image::imageops::overlay(&mut canvas, t, x as i64, y as i64);
+            x += t.width() + gap;
         }
+        y += row[0].height() + gap;
     }
+    let format = match image::ImageFormat::from_path(out) {
+        Ok(f @ (image::ImageFormat::Jpeg | image::ImageFormat::WebP)) => f,
+        _ => image::ImageFormat::Png,
+    };
     let mut buf = Vec::new();
     canvas
-        .write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)
+        .write_to(&mut std::io::Cursor::new(&mut buf), format)
         .map_err(|e| RuntimeError::file(out, e))?;
     Ok(images::write_atomic(out, &buf)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, w: u32, h: u32, v: u8) {
+        std::fs::create_dir_all(dir).unwrap();
+        image::RgbImage::from_pixel(w, h, image::Rgb([v, v / 2, 255 - v]))
+            .save(dir.join(name))
+            .unwrap();
+    }
+
+    /// Rows of different sizes each keep their own size and magnification (a large first row
+    /// must not clip or shift a later one), and `.jpg` writes a JPEG.
+    #[test]
+    fn sheet_of_mixed_sizes() {
+        let t = tempfile::tempdir().unwrap();
+        let (re, rf) = (t.path().join("restored"), t.path().join("reference"));
+        for (name, w, h) in [("a.png", 32, 32), ("b.png", 200, 120)] {
+            write(&re, name, w, h, 40);
+            write(&rf, name, w, h, 200);
+        }
+        assert_eq!(sheet_magnification(32, 32), 4);
+        assert_eq!(sheet_magnification(200, 120), 1);
+        assert_eq!(sheet_magnification(64, 40), 2);
+        let e = evaluate(&re, &rf, None).unwrap();
+        let out = t.path().join("sheet.png");
+        sheet(&e, &re, &rf, None, 8, &out).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        // Row 1: two 128x128 tiles; row 2: two 200x120 tiles; 2 px gaps.
+        assert_eq!(img.dimensions(), (2 + 2 * 202, 2 + 130 + 122));
+        // The second row's reference tile ends at the right edge, unclipped.
+        assert_eq!(
+            img.get_pixel(2 + 202 + 199, 2 + 130 + 119),
+            &image::Rgb([200, 100, 55])
+        );
+        // The first row's restored tile, 4x, then white beyond it.
+        assert_eq!(img.get_pixel(2 + 127, 2), &image::Rgb([40, 20, 215]));
+        assert_eq!(img.get_pixel(2 * 130 + 5, 2), &image::Rgb([255, 255, 255]));
+        let jpg = t.path().join("sheet.jpg");
+        sheet(&e, &re, &rf, None, 8, &jpg).unwrap();
+        let bytes = std::fs::read(&jpg).unwrap();
+        assert_eq!(&bytes[..3], &[0xFF, 0xD8, 0xFF], "a JPEG");
+    }
 }
