@@ -336,3 +336,268 @@ pub struct DpsTuning {
 fn complete_default() -> bool {
     true
 }
+
+/// Markdown tables of model cards (`davi cards`): the evaluation on test crops (every method on
+/// all images, then on the paired images), DPS's tuning, and the whole held-out photographs.
+pub fn cards_markdown(cards: &[ModelCard]) -> String {
+    const METHODS: [&str; 5] = ["lifted", "davi", "dps", "ddrm", "supervised"];
+    let label = |m: &str| match m {
+        "lifted" => "lifted measurement".to_string(),
+        "davi" => "**DAVI**".to_string(),
+        "dps" => "DPS".to_string(),
+        "ddrm" => "DDRM".to_string(),
+        "supervised" => "supervised control".to_string(),
+        other => other.to_string(),
+    };
+    let pm = |v: f64, ci: Option<f64>, digits: usize| match ci {
+        Some(c) => format!("{v:.digits$} ± {c:.digits$}"),
+        None => format!("{v:.digits$}"),
+    };
+    let mut s = String::from(
+        "| model | method | images | PSNR (dB) | SSIM | FID / KID | network evaluations | seconds / image |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    // `n` of a row, else (older cards) the table's for every method but DPS.
+    let mut line = |name: &str, what: String, r: &EvalRow, n: Option<usize>| {
+        let perceptual = [
+            r.fid.map(|f| format!("FID {f:.2}")),
+            r.kid.map(|k| format!("KID {k:.4}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", ");
+        s += &format!(
+            "| {name} | {what} | {} | {} | {} | {perceptual} | {} | {:.4} |\n",
+            r.n.or(n).map_or(String::new(), |n| n.to_string()),
+            pm(r.psnr, r.psnr_ci95, 2),
+            pm(r.ssim, r.ssim_ci95, 4),
+            r.nfe,
+            r.seconds_per_image
+        );
+    };
+    for c in cards {
+        let Some(e) = &c.eval else { continue };
+        let zeta = |m: &str| match (m, e.dps_zeta) {
+            ("dps", Some(z)) => format!(" (zeta {z})"),
+            _ => String::new(),
+        };
+        let all = |m: &str| match m {
+            "lifted" => Some(&e.lifted),
+            "davi" => Some(&e.davi),
+            "dps" => Some(&e.dps).filter(|r| r.n != Some(0)),
+            "ddrm" => e.ddrm.as_ref(),
+            _ => e.supervised.as_ref(),
+        };
+        for m in METHODS {
+            if let Some(r) = all(m) {
+                let n = (m != "dps").then_some(e.n);
+                line(&c.name, format!("{}{}", label(m), zeta(m)), r, n);
+            }
+        }
+        if let Some(p) = &e.paired {
+            let paired = |m: &str| match m {
+                "lifted" => Some(&p.lifted),
+                "davi" => Some(&p.davi),
+                "dps" => Some(&p.dps),
+                "ddrm" => p.ddrm.as_ref(),
+                _ => p.supervised.as_ref(),
+            };
+            for m in METHODS {
+                if let Some(r) = paired(m) {
+                    line(
+                        &c.name,
+                        format!("paired: {}{}", label(m), zeta(m)),
+                        r,
+                        Some(p.n),
+                    );
+                }
+            }
+        }
+    }
+    let tuned: Vec<&ModelCard> = cards.iter().filter(|c| c.dps_tuning.is_some()).collect();
+    if !tuned.is_empty() {
+        s += "\n| model | DPS zeta chosen | validation images | DPS steps | sweep: zeta (PSNR dB) |\n|---|---:|---:|---:|---|\n";
+        for c in tuned {
+            let t = c.dps_tuning.as_ref().expect("filtered");
+            let mut sweep = t.sweep.clone();
+            sweep.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let sweep = sweep
+                .iter()
+                .map(|(z, p, _)| format!("{} ({p:.2})", round_sig(*z)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let done = if t.complete { "" } else { " (incomplete)" };
+            s += &format!(
+                "| {} | {}{done} | {} | {} | {sweep} |\n",
+                c.name,
+                round_sig(t.zeta),
+                t.n,
+                t.steps
+            );
+        }
+    }
+    let photos: Vec<&ModelCard> = cards.iter().filter(|c| c.whole_photos.is_some()).collect();
+    if !photos.is_empty() {
+        s += "\n| model | whole photographs | method | PSNR (dB) | SSIM |\n|---|---|---|---:|---:|\n";
+        for c in photos {
+            let w = c.whole_photos.as_ref().expect("filtered");
+            let mut methods: Vec<(&String, &PhotoRow)> = w.methods.iter().collect();
+            let rank = |m: &str| {
+                METHODS
+                    .iter()
+                    .position(|x| *x == m)
+                    .unwrap_or(METHODS.len())
+            };
+            methods.sort_by_key(|(m, _)| rank(m));
+            for (m, r) in methods {
+                s += &format!(
+                    "| {} | {} ({}) | {} | {} | {} |\n",
+                    c.name,
+                    r.n,
+                    w.images.join(", "),
+                    label(m),
+                    pm(r.psnr, Some(r.psnr_ci95), 2),
+                    pm(r.ssim, Some(r.ssim_ci95), 4)
+                );
+            }
+        }
+    }
+    s
+}
+
+/// `z` with at most 3 significant digits (0.17320508 -> 0.173).
+fn round_sig(z: f64) -> String {
+    if z == 0.0 || !z.is_finite() {
+        return z.to_string();
+    }
+    let digits = (2 - z.abs().log10().floor() as i32).max(0) as usize;
+    let s = format!("{z:.digits$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(n: Option<usize>, psnr: f64) -> EvalRow {
+        EvalRow {
+            n,
+            psnr,
+            psnr_ci95: n.map(|_| 0.25),
+            ssim: 0.5,
+            ssim_ci95: None,
+            fid: None,
+            kid: n.filter(|&n| n < 100).map(|_| 0.0123),
+            nfe: 1,
+            seconds_per_image: 0.01,
+        }
+    }
+
+    #[test]
+    fn markdown_of_cards() {
+        let card = ModelCard {
+            name: "m".into(),
+            task: TaskConfig {
+                operator: Operator::Denoise,
+                sigma_y: 0.1,
+                h: 0.1,
+            },
+            data: "d".into(),
+            training_steps: 1,
+            training_seconds: 1.0,
+            notes: None,
+            eval: Some(EvalTable {
+                n: 1000,
+                davi: row(Some(1000), 27.5),
+                dps: row(Some(0), f64::NAN),
+                lifted: row(Some(1000), 26.0),
+                dps_zeta: None,
+                paired: Some(PairedTable {
+                    n: 16,
+                    davi: row(Some(16), 27.0),
+                    dps: row(Some(16), 28.0),
+                    lifted: row(Some(16), 25.0),
+                    ddrm: None,
+                    supervised: None,
+                }),
+                ddrm: Some(row(Some(1000), 30.4)),
+                supervised: None,
+            }),
+            dps_tuning: Some(DpsTuning {
+                split: "validation".into(),
+                n: 8,
+                steps: 1000,
+                sweep: vec![(1.0, 19.0, 0.6), (0.17320508075688773, 19.4, 0.6)],
+                zeta: 0.17320508075688773,
+                complete: false,
+            }),
+            whole_photos: Some(WholePhotos {
+                images: vec!["a.png".into(), "b.png".into()],
+                methods: [
+                    ("lifted".to_string(), (25.0, 0.5)),
+                    ("davi".to_string(), (27.8, 1.0)),
+                ]
+                .into_iter()
+                .map(|(m, (p, c))| {
+                    (
+                        m,
+                        PhotoRow {
+                            n: 2,
+                            psnr: p,
+                            psnr_ci95: c,
+                            ssim: 0.7,
+                            ssim_ci95: 0.03,
+                        },
+                    )
+                })
+                .collect(),
+            }),
+        };
+        let md = cards_markdown(&[card]);
+        let lines: Vec<&str> = md.lines().collect();
+        // A DPS that did not run has no row; DDRM and the paired rows do, with n and intervals.
+        assert!(!md.contains("| m | DPS |"), "{md}");
+        assert!(
+            md.contains("| m | **DAVI** | 1000 | 27.50 ± 0.25 | 0.5000 |  | 1 | 0.0100 |"),
+            "{md}"
+        );
+        assert!(md.contains("| m | DDRM | 1000 | 30.40 ± 0.25 |"), "{md}");
+        assert!(
+            md.contains("| m | paired: DPS | 16 | 28.00 ± 0.25 | 0.5000 | KID 0.0123 |"),
+            "{md}"
+        );
+        // The sweep sorted by zeta, zeta rounded, an incomplete sweep said so.
+        assert!(
+            md.contains("| m | 0.173 (incomplete) | 8 | 1000 | 0.173 (19.40), 1 (19.00) |"),
+            "{md}"
+        );
+        // Whole photographs: lifted before DAVI, the images named.
+        let l = lines
+            .iter()
+            .position(|l| l.contains("| lifted measurement | 25.00 ± 0.50"))
+            .unwrap();
+        let d = lines
+            .iter()
+            .position(|l| l.contains("| **DAVI** | 27.80 ± 1.00 | 0.7000 ± 0.0300 |"))
+            .unwrap();
+        assert!(
+            l < d && lines[d].contains("| m | 2 (a.png, b.png) |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn significant_digits() {
+        assert_eq!(round_sig(0.17320508075688773), "0.173");
+        assert_eq!(round_sig(0.3), "0.3");
+        assert_eq!(round_sig(1.0), "1");
+        assert_eq!(round_sig(0.5477225575051661), "0.548");
+        assert_eq!(round_sig(3.0), "3");
+        assert_eq!(round_sig(0.03), "0.03");
+    }
+}

@@ -251,6 +251,14 @@ pub struct InfoArgs {
     pub model: PathBuf,
 }
 
+/// Print the evaluation tables of model cards as Markdown (the README's table).
+#[derive(clap::Args, Debug)]
+pub struct CardsArgs {
+    /// Cards (`card.yaml`) or folders searched for the task models' `*/card.yaml` (default:
+    /// models/zoo).
+    pub paths: Vec<PathBuf>,
+}
+
 fn too_large(what: &str, n: usize, most: usize) -> Result<(), RuntimeError> {
     if n > most {
         return Err(RuntimeError::Usage(format!("{what} {n}: at most {most}")));
@@ -573,6 +581,52 @@ pub fn bench(a: BenchArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, Runtime
     if let Some(p) = &a.json {
         images::write_atomic(p, &serde_json::to_vec_pretty(&figures)?)?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `davi cards`: every card's evaluation, DPS tuning and whole-photograph scores as Markdown
+/// tables, cards in name order. A card that does not parse is an error naming it.
+pub fn cards(a: CardsArgs) -> Result<ExitCode, RuntimeError> {
+    let roots = if a.paths.is_empty() {
+        vec![PathBuf::from("models/zoo")]
+    } else {
+        a.paths
+    };
+    // Task-model cards only: the priors' and the classifier's cards have no `task`.
+    let is_task_card = |p: &Path| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok())
+            .is_some_and(|v| v.get("task").is_some())
+    };
+    let mut files = Vec::new();
+    for r in roots {
+        if r.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(&r)
+                .map_err(|e| RuntimeError::file(&r, e))?
+                .filter_map(|e| e.ok().map(|e| e.path().join("card.yaml")))
+                .filter(|p| p.is_file() && is_task_card(p))
+                .collect();
+            if found.is_empty() {
+                return Err(RuntimeError::file(
+                    &r,
+                    "no task model's <model>/card.yaml in this folder",
+                ));
+            }
+            files.append(&mut found);
+        } else {
+            files.push(r);
+        }
+    }
+    let mut cards = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| RuntimeError::file(&f, e))?;
+        let card: davi_models::card::ModelCard = serde_yaml::from_str(&text)
+            .map_err(|e| RuntimeError::file(&f, format!("not a model card: {e}")))?;
+        cards.push(card);
+    }
+    cards.sort_by(|a, b| a.name.cmp(&b.name));
+    print!("{}", davi_models::card::cards_markdown(&cards));
     Ok(ExitCode::SUCCESS)
 }
 

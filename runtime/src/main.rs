@@ -34,6 +34,8 @@ enum Cmd {
     Bench(cli::BenchArgs),
     /// Show a model's metadata, inputs, outputs and op counts.
     Info(cli::InfoArgs),
+    /// Print the model cards' evaluation tables as Markdown (the README's table).
+    Cards(cli::CardsArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
         Cmd::Verify(a) => cli::verify(a, ort_lib),
         Cmd::Bench(a) => cli::bench(a, ort_lib),
         Cmd::Info(a) => cli::info(a),
+        Cmd::Cards(a) => cli::cards(a),
     };
     result.unwrap_or_else(|e| {
         eprintln!("davi: error: {}", davi_runtime::one_line_chain(&e));

@@ -77,3 +77,26 @@ fn re_export_from_a_zoo_model_is_byte_identical() {
         }
     }
 }
+
+/// `davi cards` prints one table from every task model's card (the README's table), skips the
+/// priors' cards when searching a folder, and names a file that is not a task card.
+#[test]
+fn cards_table_covers_every_task_model() {
+    let zoo = root().join("models/zoo");
+    let (code, out, err) = davi_tests::davi(&["cards", zoo.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    for name in zoo_models() {
+        assert!(
+            out.contains(&format!("| {name} | **DAVI** |")),
+            "{name} missing:\n{out}"
+        );
+    }
+    assert!(!out.contains("fmnist32-prior"), "{out}");
+    let prior = zoo.join("fmnist32-prior/card.yaml");
+    let (code, _, err) = davi_tests::davi(&["cards", prior.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("fmnist32-prior/card.yaml") && err.contains("not a model card"),
+        "{err}"
+    );
+}
