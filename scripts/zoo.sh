@@ -21,6 +21,7 @@
 #   BIN                     the built binaries (default target/release)
 #   EVAL_N, DPS_N, DPS_STEPS, TUNE_N   evaluation sizes (defaults 1000, 64, 1000, 16)
 #   ZETAS                   DPS's step-size grid, refined around its best (default 0.03,0.1,0.3,1,3)
+#   TUNE_ARGS               more tune-dps flags (e.g. --no-refine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release}
@@ -62,7 +63,7 @@ fi
 if stage tune; then
   for name in $MODELS; do
     $BIN/davi-train tune-dps --config "models/configs/$name.yaml" --card "models/zoo/$name/card.yaml" \
-      -n "${TUNE_N:-16}" --zeta "${ZETAS:-0.03,0.1,0.3,1,3}" --dps-steps "${DPS_STEPS:-1000}" --device "$DEVICE"
+      -n "${TUNE_N:-16}" --zeta "${ZETAS:-0.03,0.1,0.3,1,3}" --dps-steps "${DPS_STEPS:-1000}" --device "$DEVICE" ${TUNE_ARGS:-}
   done
 fi
 if stage eval; then
