@@ -349,12 +349,12 @@ pub fn cards_markdown(cards: &[ModelCard]) -> String {
         "supervised" => "supervised control".to_string(),
         other => other.to_string(),
     };
-    let pm = |v: f64, ci: Option<f64>, digits: usize| match ci {
+    let pm = |v: f64, ci: Option<f64>, digits: usize| match ci.filter(|c| c.is_finite()) {
         Some(c) => format!("{v:.digits$} ± {c:.digits$}"),
         None => format!("{v:.digits$}"),
     };
     let mut s = String::from(
-        "| model | method | images | PSNR (dB) | SSIM | FID / KID | network evaluations | seconds / image |\n\
+        "| model | method | images | PSNR (dB) | SSIM | FID / KID | network evaluations | seconds / image (device: see the card's notes) |\n\
          |---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     // `n` of a row, else (older cards) the table's for every method but DPS.
@@ -369,7 +369,7 @@ pub fn cards_markdown(cards: &[ModelCard]) -> String {
         .join(", ");
         s += &format!(
             "| {name} | {what} | {} | {} | {} | {perceptual} | {} | {:.4} |\n",
-            r.n.or(n).map_or(String::new(), |n| n.to_string()),
+            r.n.or(n).map_or("?".into(), |n| n.to_string()),
             pm(r.psnr, r.psnr_ci95, 2),
             pm(r.ssim, r.ssim_ci95, 4),
             r.nfe,
@@ -379,13 +379,13 @@ pub fn cards_markdown(cards: &[ModelCard]) -> String {
     for c in cards {
         let Some(e) = &c.eval else { continue };
         let zeta = |m: &str| match (m, e.dps_zeta) {
-            ("dps", Some(z)) => format!(" (zeta {z})"),
+            ("dps", Some(z)) => format!(" (zeta {})", round_sig(z)),
             _ => String::new(),
         };
         let all = |m: &str| match m {
             "lifted" => Some(&e.lifted),
             "davi" => Some(&e.davi),
-            "dps" => Some(&e.dps).filter(|r| r.n != Some(0)),
+            "dps" => Some(&e.dps).filter(|r| r.psnr.is_finite()),
             "ddrm" => e.ddrm.as_ref(),
             _ => e.supervised.as_ref(),
         };

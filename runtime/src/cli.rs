@@ -592,21 +592,27 @@ pub fn cards(a: CardsArgs) -> Result<ExitCode, RuntimeError> {
     } else {
         a.paths
     };
-    // Task-model cards only: the priors' and the classifier's cards have no `task`.
-    let is_task_card = |p: &Path| {
-        std::fs::read_to_string(p)
-            .ok()
-            .and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok())
-            .is_some_and(|v| v.get("task").is_some())
+    // Task-model cards only: the priors' and the classifier's cards have no `task`. A card that
+    // is not YAML is an error, not skipped.
+    let is_task_card = |p: &Path| -> Result<bool, RuntimeError> {
+        let text = std::fs::read_to_string(p).map_err(|e| RuntimeError::file(p, e))?;
+        let v: serde_yaml::Value = serde_yaml::from_str(&text)
+            .map_err(|e| RuntimeError::file(p, format!("not YAML: {e}")))?;
+        Ok(v.get("task").is_some())
     };
     let mut files = Vec::new();
     for r in roots {
         if r.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(&r)
-                .map_err(|e| RuntimeError::file(&r, e))?
-                .filter_map(|e| e.ok().map(|e| e.path().join("card.yaml")))
-                .filter(|p| p.is_file() && is_task_card(p))
-                .collect();
+            let mut found = Vec::new();
+            for e in std::fs::read_dir(&r).map_err(|e| RuntimeError::file(&r, e))? {
+                let p = e
+                    .map_err(|e| RuntimeError::file(&r, e))?
+                    .path()
+                    .join("card.yaml");
+                if p.is_file() && is_task_card(&p)? {
+                    found.push(p);
+                }
+            }
             if found.is_empty() {
                 return Err(RuntimeError::file(
                     &r,

@@ -115,27 +115,33 @@ impl Evaluation {
 
     /// A Markdown summary table.
     pub fn markdown(&self) -> String {
+        // No interval for a single image.
+        let pm = |m: f64, c: f64, d: usize| {
+            if c.is_finite() {
+                format!("{m:.d$} ± {c:.d$}")
+            } else {
+                format!("{m:.d$}")
+            }
+        };
         format!(
-            "| images | PSNR (dB) | SSIM |\n|---:|---:|---:|\n| {} | {:.2} ± {:.2} | {:.4} ± {:.4} |\n",
+            "| images | PSNR (dB) | SSIM |\n|---:|---:|---:|\n| {} | {} | {} |\n",
             self.images.len(),
-            self.psnr,
-            self.psnr_ci95,
-            self.ssim,
-            self.ssim_ci95
+            pm(self.psnr, self.psnr_ci95, 2),
+            pm(self.ssim, self.ssim_ci95, 4)
         )
     }
 }
 
 /// How much [`sheet`] magnifies an image of `w` x `h`: 4x for the 32 px crops, less for larger
-/// images so that a row is about 128 px high or more, never below 1x.
+/// images so that a row is at least 128 px high where 4x allows it, never below 1x.
 pub fn sheet_magnification(w: u32, h: u32) -> u32 {
-    (128 / w.max(h).max(1)).clamp(1, 4)
+    128u32.div_ceil(w.max(h).max(1)).clamp(1, 4)
 }
 
 /// A contact sheet: one row per image (up to `rows`), columns measurement (nearest-upscaled to
 /// the image size, when given) | restored | reference, 2 px white gaps, each row magnified by
 /// [`sheet_magnification`] of its reference; rows of different sizes each keep their own. The
-/// format follows `out`'s extension (`.jpg`/`.jpeg`, `.webp`; PNG otherwise).
+/// format follows `out`'s extension (`.png`, `.jpg`/`.jpeg`, `.webp`; anything else is refused).
 pub fn sheet(
     eval: &Evaluation,
     restored: &Path,
@@ -144,11 +150,26 @@ pub fn sheet(
     rows: usize,
     out: &Path,
 ) -> Result<(), RuntimeError> {
+    // The file under its own name first, else under an output format's extension.
     let find = |dir: &Path, rel: &str| {
-        ["png", "jpg", "webp"]
-            .iter()
-            .map(|e| dir.join(rel).with_extension(e))
+        std::iter::once(dir.join(rel))
+            .chain(
+                ["png", "jpg", "webp"]
+                    .iter()
+                    .map(|e| dir.join(rel).with_extension(e)),
+            )
             .find(|p| p.is_file())
+    };
+    let format = match image::ImageFormat::from_path(out) {
+        Ok(f @ (image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP)) => {
+            f
+        }
+        _ => {
+            return Err(RuntimeError::file(
+                out,
+                "a contact sheet is written as .png, .jpg/.jpeg or .webp",
+            ))
+        }
     };
     let mut tiles: Vec<Vec<image::RgbImage>> = Vec::new();
     for s in eval.images.iter().take(rows) {
@@ -194,10 +215,6 @@ pub fn sheet(
         }
         y += row[0].height() + gap;
     }
-    let format = match image::ImageFormat::from_path(out) {
-        Ok(f @ (image::ImageFormat::Jpeg | image::ImageFormat::WebP)) => f,
-        _ => image::ImageFormat::Png,
-    };
     let mut buf = Vec::new();
     canvas
         .write_to(&mut std::io::Cursor::new(&mut buf), format)
@@ -229,6 +246,7 @@ mod tests {
         assert_eq!(sheet_magnification(32, 32), 4);
         assert_eq!(sheet_magnification(200, 120), 1);
         assert_eq!(sheet_magnification(64, 40), 2);
+        assert_eq!(sheet_magnification(100, 60), 2);
         let e = evaluate(&re, &rf, None).unwrap();
         let out = t.path().join("sheet.png");
         sheet(&e, &re, &rf, None, 8, &out).unwrap();
@@ -247,5 +265,16 @@ mod tests {
         sheet(&e, &re, &rf, None, 8, &jpg).unwrap();
         let bytes = std::fs::read(&jpg).unwrap();
         assert_eq!(&bytes[..3], &[0xFF, 0xD8, 0xFF], "a JPEG");
+        let err = sheet(&e, &re, &rf, None, 8, &t.path().join("sheet.bmp")).unwrap_err();
+        assert!(err.to_string().contains("sheet.bmp"), "{err}");
+        // A reference under an extension no output has (.jpeg) is found by its own name.
+        let (re2, rf2) = (t.path().join("r2"), t.path().join("f2"));
+        write(&re2, "c.png", 32, 32, 10);
+        std::fs::create_dir_all(&rf2).unwrap();
+        image::RgbImage::from_pixel(32, 32, image::Rgb([9, 9, 9]))
+            .save_with_format(rf2.join("c.jpeg"), image::ImageFormat::Jpeg)
+            .unwrap();
+        let e2 = evaluate(&re2, &rf2, None).unwrap();
+        sheet(&e2, &re2, &rf2, None, 8, &t.path().join("s2.png")).unwrap();
     }
 }

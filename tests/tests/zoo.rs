@@ -99,4 +99,14 @@ fn cards_table_covers_every_task_model() {
         err.contains("fmnist32-prior/card.yaml") && err.contains("not a model card"),
         "{err}"
     );
+    // A broken card in a searched folder is an error naming it, not skipped.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("m")).unwrap();
+    std::fs::write(tmp.path().join("m/card.yaml"), "name: [unclosed\n").unwrap();
+    let (code, _, err) = davi_tests::davi(&["cards", tmp.path().to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("m/card.yaml") && err.contains("not YAML"),
+        "{err}"
+    );
 }
