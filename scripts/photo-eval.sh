@@ -4,10 +4,11 @@
 # (`davi degrade`, which also writes the lifted measurement: bicubic upsampling for SR, the grey
 # image in R, G and B for colorization), restored whole (`davi restore` tiles them), and scored
 # against the truth for DAVI and for the lifted measurement (`davi eval`). Both rows go into the
-# card's `whole_photos` table.
+# card's `whole_photos` table. It also writes the README's figure of the model (photo.jpg).
 #   scripts/photo-eval.sh NAME [OUT]     NAME: photo32-denoise, photo32-sr4, photo32-deblur, ...
 #   CARD=...   the card to write (default models/zoo/NAME/card.yaml)
 #   BIN=...    the built binaries (default target/release)
+#   FIGURE=... the sample photograph's sheet (default: photo.jpg beside the card)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?usage: scripts/photo-eval.sh NAME [OUT]}
@@ -25,4 +26,11 @@ $B/davi eval --restored "$OUT/restored" --reference "$OUT/truth" --card "$CARD" 
   --markdown "$OUT/davi.md" --sheet "$OUT/sheet.png" --measurement "$OUT/lifted"
 $B/davi eval --restored "$OUT/lifted" --reference "$OUT/truth" --card "$CARD" --method lifted \
   --markdown "$OUT/lifted.md"
+# The README's figure: the sample photograph (models/samples/photo, one of the held-out four),
+# lifted measurement | DAVI | truth, as a JPEG beside the model.
+P=models/samples/photo
+$B/davi degrade -m "$M" -i "$P" -o "$OUT/sample/measured" --lift "$OUT/sample/lifted" --seed 0
+$B/davi restore -m "$M" -i "$OUT/sample/measured" -o "$OUT/sample/restored" --seed 0
+$B/davi eval --restored "$OUT/sample/restored" --reference "$P" --measurement "$OUT/sample/lifted" \
+  --sheet "${FIGURE:-$(dirname "$CARD")/photo.jpg}" > /dev/null
 echo "photo-eval: $NAME on whole photographs: $OUT (sheet.png), rows in $CARD"
