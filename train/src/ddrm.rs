@@ -120,9 +120,11 @@ impl Svd {
         }
         let h1 = col.transpose(0, 1) / center; // [row, i]
         let (u1, s1, v1) = h1.svd(false, true);
+        // `kron` views its inputs: the SVD's factors come back strided (column-major).
+        let (u1, v1) = (u1.contiguous(), v1.contiguous());
         let s1 = s1.where_scalarother(&s1.ge(ZERO), 0.0);
-        let u2 = u1.kron(&u1);
-        let v2 = v1.kron(&v1);
+        let u2 = u1.kron(&u1).contiguous();
+        let v2 = v1.kron(&v1).contiguous();
         let s2 = s1.unsqueeze(1).matmul(&s1.unsqueeze(0)).reshape([-1]);
         let eye = Tensor::eye(c as i64, (Kind::Double, Device::Cpu));
         Ok(Self {
@@ -288,6 +290,10 @@ mod tests {
             ("sr", 1),
             ("inpaint", 1),
             ("colorize", 3),
+            // RGB photo models (the 3-channel blur failed in libtorch's kron once).
+            ("denoise", 3),
+            ("deblur", 3),
+            ("sr", 3),
         ] {
             let mut op = Operator::for_task(task, 16).unwrap();
             if task == "deblur" {
