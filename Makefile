@@ -30,7 +30,11 @@ test-venv:
 test: build test-venv
 	cargo fmt --all -- --check
 	cargo clippy --release --workspace --all-targets -- -D warnings
-	cargo test --release --workspace
+	cargo test --release --workspace --exclude davi-train
+	cargo test --release -p davi-train --test '*'
+	@# The unit tests of davi-train share libtorch's one global random generator: one at a time,
+	@# so that a test that seeds it gets the numbers it seeded.
+	cargo test --release -p davi-train --lib --bins -- --test-threads=1
 	$(MAKE) --no-print-directory parity
 
 ## A tiny model trained a few steps, exported, and `davi verify` on the CPU EP.
