@@ -243,6 +243,20 @@ pub struct EvalTable {
     pub supervised: Option<EvalRow>,
 }
 
+impl EvalTable {
+    /// The row of method `m` (`lifted`, `davi`, `dps`, `ddrm`, `supervised`), when it ran.
+    pub fn row(&self, m: &str) -> Option<&EvalRow> {
+        match m {
+            "lifted" => Some(&self.lifted),
+            "davi" => Some(&self.davi),
+            "dps" => Some(&self.dps),
+            "ddrm" => self.ddrm.as_ref(),
+            "supervised" => self.supervised.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 /// `eval.paired:` of a model card: every method scored on the same images.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PairedTable {
@@ -260,6 +274,20 @@ pub struct PairedTable {
     /// The supervised control, when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervised: Option<EvalRow>,
+}
+
+impl PairedTable {
+    /// The row of method `m`, as [`EvalTable::row`].
+    pub fn row(&self, m: &str) -> Option<&EvalRow> {
+        match m {
+            "lifted" => Some(&self.lifted),
+            "davi" => Some(&self.davi),
+            "dps" => Some(&self.dps),
+            "ddrm" => self.ddrm.as_ref(),
+            "supervised" => self.supervised.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 /// `card.yaml` of a shipped model.
@@ -382,29 +410,16 @@ pub fn cards_markdown(cards: &[ModelCard]) -> String {
             ("dps", Some(z)) => format!(" (zeta {})", round_sig(z)),
             _ => String::new(),
         };
-        let all = |m: &str| match m {
-            "lifted" => Some(&e.lifted),
-            "davi" => Some(&e.davi),
-            "dps" => Some(&e.dps).filter(|r| r.psnr.is_finite()),
-            "ddrm" => e.ddrm.as_ref(),
-            _ => e.supervised.as_ref(),
-        };
         for m in METHODS {
-            if let Some(r) = all(m) {
+            // A DPS that did not run (NaN scores) has no row.
+            if let Some(r) = e.row(m).filter(|r| r.psnr.is_finite()) {
                 let n = (m != "dps").then_some(e.n);
                 line(&c.name, format!("{}{}", label(m), zeta(m)), r, n);
             }
         }
         if let Some(p) = &e.paired {
-            let paired = |m: &str| match m {
-                "lifted" => Some(&p.lifted),
-                "davi" => Some(&p.davi),
-                "dps" => Some(&p.dps),
-                "ddrm" => p.ddrm.as_ref(),
-                _ => p.supervised.as_ref(),
-            };
             for m in METHODS {
-                if let Some(r) = paired(m) {
+                if let Some(r) = p.row(m) {
                     line(
                         &c.name,
                         format!("paired: {}{}", label(m), zeta(m)),
@@ -415,11 +430,13 @@ pub fn cards_markdown(cards: &[ModelCard]) -> String {
             }
         }
     }
-    let tuned: Vec<&ModelCard> = cards.iter().filter(|c| c.dps_tuning.is_some()).collect();
+    let tuned: Vec<(&ModelCard, &DpsTuning)> = cards
+        .iter()
+        .filter_map(|c| c.dps_tuning.as_ref().map(|t| (c, t)))
+        .collect();
     if !tuned.is_empty() {
         s += "\n| model | DPS zeta chosen | validation images | DPS steps | sweep: zeta (PSNR dB) |\n|---|---:|---:|---:|---|\n";
-        for c in tuned {
-            let t = c.dps_tuning.as_ref().expect("filtered");
+        for (c, t) in tuned {
             let mut sweep = t.sweep.clone();
             sweep.sort_by(|a, b| a.0.total_cmp(&b.0));
             let sweep = sweep
@@ -437,11 +454,13 @@ pub fn cards_markdown(cards: &[ModelCard]) -> String {
             );
         }
     }
-    let photos: Vec<&ModelCard> = cards.iter().filter(|c| c.whole_photos.is_some()).collect();
+    let photos: Vec<(&ModelCard, &WholePhotos)> = cards
+        .iter()
+        .filter_map(|c| c.whole_photos.as_ref().map(|w| (c, w)))
+        .collect();
     if !photos.is_empty() {
         s += "\n| model | whole photographs | method | PSNR (dB) | SSIM |\n|---|---|---|---:|---:|\n";
-        for c in photos {
-            let w = c.whole_photos.as_ref().expect("filtered");
+        for (c, w) in photos {
             let mut methods: Vec<(&String, &PhotoRow)> = w.methods.iter().collect();
             let rank = |m: &str| {
                 METHODS

@@ -592,42 +592,42 @@ pub fn cards(a: CardsArgs) -> Result<ExitCode, RuntimeError> {
     } else {
         a.paths
     };
-    // Task-model cards only: the priors' and the classifier's cards have no `task`. A card that
-    // is not YAML is an error, not skipped.
-    let is_task_card = |p: &Path| -> Result<bool, RuntimeError> {
+    // Each card read once. A card that is not YAML is an error, not skipped; in a searched folder
+    // only task models' cards count (the priors' and the classifier's have no `task`).
+    let read = |p: &Path| -> Result<serde_yaml::Value, RuntimeError> {
         let text = std::fs::read_to_string(p).map_err(|e| RuntimeError::file(p, e))?;
-        let v: serde_yaml::Value = serde_yaml::from_str(&text)
-            .map_err(|e| RuntimeError::file(p, format!("not YAML: {e}")))?;
-        Ok(v.get("task").is_some())
+        serde_yaml::from_str(&text).map_err(|e| RuntimeError::file(p, format!("not YAML: {e}")))
     };
-    let mut files = Vec::new();
+    let mut found: Vec<(PathBuf, serde_yaml::Value)> = Vec::new();
     for r in roots {
         if r.is_dir() {
-            let mut found = Vec::new();
+            let before = found.len();
             for e in std::fs::read_dir(&r).map_err(|e| RuntimeError::file(&r, e))? {
                 let p = e
                     .map_err(|e| RuntimeError::file(&r, e))?
                     .path()
                     .join("card.yaml");
-                if p.is_file() && is_task_card(&p)? {
-                    found.push(p);
+                if p.is_file() {
+                    let v = read(&p)?;
+                    if v.get("task").is_some() {
+                        found.push((p, v));
+                    }
                 }
             }
-            if found.is_empty() {
+            if found.len() == before {
                 return Err(RuntimeError::file(
                     &r,
                     "no task model's <model>/card.yaml in this folder",
                 ));
             }
-            files.append(&mut found);
         } else {
-            files.push(r);
+            let v = read(&r)?;
+            found.push((r, v));
         }
     }
     let mut cards = Vec::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f).map_err(|e| RuntimeError::file(&f, e))?;
-        let card: davi_models::card::ModelCard = serde_yaml::from_str(&text)
+    for (f, v) in found {
+        let card: davi_models::card::ModelCard = serde_yaml::from_value(v)
             .map_err(|e| RuntimeError::file(&f, format!("not a model card: {e}")))?;
         cards.push(card);
     }
