@@ -384,6 +384,82 @@ mod tests {
             .collect()
     }
 
+    /// Colorization (singular value 1/sqrt(3) on the channel mean of each pixel, three channels
+    /// per pixel, two of them unobserved) in the spectral domain, where each component must follow
+    /// the scalar recurrence of a singular value s: `U^T y / s` observed with noise `sigma_0 / s`.
+    /// This is the colorization path the photo baselines take.
+    #[test]
+    fn ddrm_colorizes_a_gaussian_prior_as_the_official_recurrence() {
+        let tau = 0.25f64;
+        let d = Diffusion::new(BetaSchedule::Linear, 1000);
+        let eps_fn = |x: &Tensor, t: usize| -> Result<Tensor> {
+            let ab = d.alphas_cumprod[t];
+            Ok(x * ((1.0 - ab).sqrt() / (ab * tau * tau + 1.0 - ab)))
+        };
+        let (c, s, n) = (3usize, 8usize, 128i64);
+        let op = Operator::Colorize;
+        tch::manual_seed(1);
+        let x0 = Tensor::randn([n, 3, 8, 8], (Kind::Float, Device::Cpu)) * tau;
+        let b = TchBackend::new(Default::default(), Device::Cpu);
+        let svd = Svd::of(&op, c, s, Device::Cpu).unwrap();
+        let k = svd.s.size()[0];
+        assert_eq!(k, 64, "one observed component per pixel");
+        let sv = svd.s.mean(Kind::Double).double_value(&[]);
+        assert!((sv - 1.0 / 3f64.sqrt()).abs() < 1e-5, "singular value {sv}");
+        let flat = |t: &Tensor| -> Vec<f64> {
+            Vec::<f64>::try_from(t.flatten(0, -1).to_kind(Kind::Double)).unwrap()
+        };
+        for sigma_0 in [0.05, 0.2] {
+            let y = op.forward(&b, &x0, c, s)
+                + Tensor::randn([n, 1, 8, 8], (Kind::Float, Device::Cpu)) * sigma_0;
+            let (x, _) = sample(
+                &eps_fn,
+                &d,
+                &svd,
+                &y,
+                sigma_0,
+                [c, s, s],
+                &Ddrm::default(),
+                3,
+            )
+            .unwrap();
+            let vx = svd.vt(&x);
+            let ybar = flat(&(svd.ut(&y).narrow(1, 0, k) / sv));
+            let xo = flat(&vx.narrow(1, 0, k));
+            let (slope, sd) = slope_and_sd(&xo, &ybar);
+            let reference = scalar_reference(&d, &ybar, sigma_0 / sv, tau, true);
+            let (r_slope, r_sd) = slope_and_sd(&reference, &ybar);
+            assert!(
+                (slope - r_slope).abs() < 0.04,
+                "{sigma_0}: slope {slope} vs {r_slope}"
+            );
+            assert!(
+                (sd - r_sd).abs() < 0.15 * r_sd + 2e-3,
+                "{sigma_0}: sd {sd} vs {r_sd}"
+            );
+            // The two colour components of each pixel: the prior alone.
+            let xm = vx.narrow(1, k, 2 * k);
+            let (m, sd) = (
+                xm.mean(Kind::Double).double_value(&[]),
+                xm.std(true).double_value(&[]),
+            );
+            let r = scalar_reference(&d, &vec![0.0; 20000], sigma_0, tau, false);
+            let (_, r_sd) = slope_and_sd(&r, &vec![1.0; r.len()]);
+            assert!(
+                m.abs() < 0.03 && (sd - r_sd).abs() < 0.1 * r_sd,
+                "colour: mean {m}, sd {sd} vs {r_sd}"
+            );
+            // In pixels: the channel mean of the result follows y with the reference's shrinkage
+            // (the channel mean is s times the observed component, y is s times ybar).
+            let back = op.forward(&b, &x, c, s);
+            let (bs, _) = slope_and_sd(&flat(&back), &flat(&y));
+            assert!(
+                (bs - r_slope).abs() < 0.04,
+                "{sigma_0}: channel mean follows y with slope {bs}, reference {r_slope}"
+            );
+        }
+    }
+
     fn slope_and_sd(x: &[f64], y: &[f64]) -> (f64, f64) {
         let slope =
             x.iter().zip(y).map(|(a, b)| a * b).sum::<f64>() / y.iter().map(|b| b * b).sum::<f64>();

@@ -717,6 +717,34 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
+/// The card at `path` to add `cfg`'s scores to: the card as it is when it describes the same
+/// task and operator, a blank one when there is none or when it describes another (a model
+/// retrained on a changed operator: the old card's scores, DPS tuning and photographs no longer
+/// apply, and keeping them would put one operator's numbers beside another's).
+pub fn card_for(path: &Path, cfg: &DaviConfig) -> Result<ModelCard> {
+    if !path.exists() {
+        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d)
+                .with_context(|| format!("{}: cannot create its folder", path.display()))?;
+        }
+        return blank_card(cfg);
+    }
+    let card: ModelCard = serde_yaml::from_str(
+        &std::fs::read_to_string(path)
+            .with_context(|| format!("{}: unreadable", path.display()))?,
+    )
+    .with_context(|| format!("{}: bad card", path.display()))?;
+    if &card.task == cfg.task()? {
+        return Ok(card);
+    }
+    tracing::warn!(
+        "{}: the card describes another task or operator than {}; its scores are replaced by a blank card",
+        path.display(),
+        cfg.name
+    );
+    blank_card(cfg)
+}
+
 /// A card for `cfg` with no scores yet: name, task and operator, and its data in words.
 pub fn blank_card(cfg: &DaviConfig) -> Result<ModelCard> {
     let s = cfg.unet.image_size;
@@ -772,12 +800,7 @@ fn update_card(path: &Path, run_dir: &Path, cfg: &DaviConfig, r: &Report) -> Res
         nfe: m.nfe,
         seconds_per_image: m.seconds_per_image,
     };
-    let mut card: ModelCard = if path.exists() {
-        serde_yaml::from_str(&std::fs::read_to_string(path)?)
-            .with_context(|| format!("{}: bad card", path.display()))?
-    } else {
-        blank_card(cfg)?
-    };
+    let mut card = card_for(path, cfg)?;
     // Steps and time from the run folder, when there is one.
     let state = std::fs::read_to_string(run_dir.join("state.json"))
         .ok()

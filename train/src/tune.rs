@@ -8,7 +8,7 @@ use crate::dps::{self, Dps};
 use crate::eval::mean_psnr_ssim;
 use crate::{checkpoint, config::train_config, davi::measure, TchBackend};
 use anyhow::{bail, Result};
-use davi_models::card::{DpsTuning, ModelCard};
+use davi_models::card::DpsTuning;
 use davi_models::schedule::Diffusion;
 use davi_models::{DaviConfig, Implicit};
 use std::path::{Path, PathBuf};
@@ -67,13 +67,11 @@ pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
     let split = format!("validation: the last {n} images of the training split");
     // Zetas already measured on the same images and steps (a stopped sweep) are not rerun.
     let done: Vec<(f64, f64, f64)> = match &args.card {
-        Some(card) if card.is_file() => {
-            let c: ModelCard = serde_yaml::from_str(&std::fs::read_to_string(card)?)?;
-            match c.dps_tuning {
-                Some(t) if t.split == split && t.n == n && t.steps == args.steps => t.sweep,
-                _ => Vec::new(),
-            }
-        }
+        // A sweep on another operator (the card of a model since retrained) is not reused.
+        Some(card) if card.is_file() => match crate::eval::card_for(card, &cfg)?.dps_tuning {
+            Some(t) if t.split == split && t.n == n && t.steps == args.steps => t.sweep,
+            _ => Vec::new(),
+        },
         _ => Vec::new(),
     };
     let mut sweep: Vec<(f64, f64, f64)> = Vec::new();
@@ -163,14 +161,7 @@ fn best_of(sweep: &[(f64, f64, f64)]) -> f64 {
 
 /// Writes the sweep into the card, made from the config when it does not exist yet.
 fn write_card(path: &Path, cfg: &DaviConfig, tuning: &DpsTuning) -> Result<()> {
-    let mut card: ModelCard = if path.exists() {
-        serde_yaml::from_str(&std::fs::read_to_string(path)?)?
-    } else {
-        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(d)?;
-        }
-        crate::eval::blank_card(cfg)?
-    };
+    let mut card = crate::eval::card_for(path, cfg)?;
     card.dps_tuning = Some(tuning.clone());
     crate::run::write_atomic(path, serde_yaml::to_string(&card)?.as_bytes())
 }

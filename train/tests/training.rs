@@ -930,3 +930,44 @@ fn the_supervised_control_of_a_config_differs_in_its_name_and_loss_alone() {
         serde_yaml::to_string(&control.task).unwrap()
     );
 }
+
+#[test]
+fn a_card_of_another_operator_is_replaced_not_merged() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cfg = davi_models::DaviConfig::from_file(&root.join("models/configs/fmnist32-deblur.yaml"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cards/card.yaml");
+    // No card yet: a blank one for this task, its folder created.
+    let blank = davi_train::eval::card_for(&path, &cfg).unwrap();
+    assert_eq!(&blank.task, cfg.task().unwrap());
+    assert!(blank.eval.is_none() && blank.dps_tuning.is_none());
+    // The same task and operator: the card as it is, its DPS sweep kept.
+    let mut card = blank.clone();
+    card.training_steps = 1234;
+    card.dps_tuning = Some(davi_models::card::DpsTuning {
+        split: "validation".into(),
+        n: 16,
+        steps: 1000,
+        zeta: 0.3,
+        sweep: vec![(0.3, 20.0, 0.7)],
+        complete: true,
+    });
+    std::fs::write(&path, serde_yaml::to_string(&card).unwrap()).unwrap();
+    let kept = davi_train::eval::card_for(&path, &cfg).unwrap();
+    assert_eq!(kept, card);
+    // Another blur width (a model retrained on a changed operator): nothing of the old card stays.
+    let mut other = card.clone();
+    let mut yaml = serde_yaml::to_value(&other.task).unwrap();
+    yaml["operator"]["sigma"] = serde_yaml::Value::from(0.375);
+    other.task = serde_yaml::from_value(yaml).unwrap();
+    assert_ne!(&other.task, cfg.task().unwrap());
+    std::fs::write(&path, serde_yaml::to_string(&other).unwrap()).unwrap();
+    let replaced = davi_train::eval::card_for(&path, &cfg).unwrap();
+    assert_eq!(&replaced.task, cfg.task().unwrap());
+    assert!(replaced.dps_tuning.is_none() && replaced.training_steps == 0);
+    // A card that is not YAML is an error naming the file.
+    std::fs::write(&path, "name: [").unwrap();
+    let e = format!("{:#}", davi_train::eval::card_for(&path, &cfg).unwrap_err());
+    assert!(e.contains("card.yaml"), "{e}");
+}
