@@ -490,7 +490,13 @@ fn round_sig(z: f64) -> String {
     if z == 0.0 || !z.is_finite() {
         return z.to_string();
     }
-    let digits = (2 - z.abs().log10().floor() as i32).max(0) as usize;
+    let e = z.abs().log10().floor() as i32;
+    if e > 2 {
+        // 1000 and above: three significant digits, the rest zeros (1234.5 -> 1230).
+        let p = 10f64.powi(e - 2);
+        return format!("{:.0}", (z / p).round() * p);
+    }
+    let digits = (2 - e) as usize;
     let s = format!("{z:.digits$}");
     if s.contains('.') {
         s.trim_end_matches('0').trim_end_matches('.').to_string()
@@ -618,5 +624,9 @@ mod tests {
         assert_eq!(round_sig(0.5477225575051661), "0.548");
         assert_eq!(round_sig(3.0), "3");
         assert_eq!(round_sig(0.03), "0.03");
+        assert_eq!(round_sig(12.345), "12.3");
+        assert_eq!(round_sig(999.7), "1000");
+        assert_eq!(round_sig(1234.5), "1230");
+        assert_eq!(round_sig(-31623.0), "-31600");
     }
 }

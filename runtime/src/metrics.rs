@@ -132,6 +132,9 @@ impl Evaluation {
     }
 }
 
+/// The largest contact sheet [`sheet`] draws, in pixels (3 bytes each in memory).
+pub const SHEET_MAX_PIXELS: u64 = 1 << 28;
+
 /// How much [`sheet`] magnifies an image of `w` x `h`: 4x for the 32 px crops, less for larger
 /// images so that a row is at least 128 px high where 4x allows it, never below 1x.
 pub fn sheet_magnification(w: u32, h: u32) -> u32 {
@@ -171,20 +174,63 @@ pub fn sheet(
             ))
         }
     };
-    let mut tiles: Vec<Vec<image::RgbImage>> = Vec::new();
+    let mut dirs: Vec<&Path> = Vec::new();
+    if let Some(m) = measurement {
+        dirs.push(m);
+    }
+    dirs.push(restored);
+    dirs.push(reference);
+    // The layout from the references' headers alone, so that a sheet the format cannot hold (or
+    // too large to be worth a canvas) is refused before any image is decoded.
+    let gap = 2u64;
+    let mut layout = Vec::new();
     for s in eval.images.iter().take(rows) {
+        let p = reference.join(&s.path);
+        let (w, h) = image::image_dimensions(&p).map_err(|e| RuntimeError::file(&p, e))?;
+        layout.push((s, w, h, sheet_magnification(w, h)));
+    }
+    if layout.is_empty() {
+        return Err(RuntimeError::Usage(
+            "no images to put on a contact sheet".into(),
+        ));
+    }
+    let cols = dirs.len() as u64;
+    let width = layout
+        .iter()
+        .map(|&(_, w, _, m)| cols * (u64::from(w * m) + gap) + gap)
+        .max()
+        .unwrap_or(gap);
+    let height = layout
+        .iter()
+        .map(|&(_, _, h, m)| u64::from(h * m) + gap)
+        .sum::<u64>()
+        + gap;
+    let max_side = match format {
+        image::ImageFormat::WebP => 16383,
+        image::ImageFormat::Jpeg => 65535,
+        _ => u64::from(u32::MAX),
+    };
+    if width.max(height) > max_side || width * height > SHEET_MAX_PIXELS {
+        return Err(RuntimeError::file(
+            out,
+            format!(
+                "a contact sheet of {} rows would be {width}x{height} px: more than {} holds (at most {max_side} px a side, {} Mpx in all); ask for fewer rows",
+                layout.len(),
+                match format {
+                    image::ImageFormat::WebP => "WebP",
+                    image::ImageFormat::Jpeg => "JPEG",
+                    _ => "a sheet",
+                },
+                SHEET_MAX_PIXELS >> 20
+            ),
+        ));
+    }
+    let (width, height) = (width as u32, height as u32);
+    let gap = gap as u32;
+    let mut tiles: Vec<Vec<image::RgbImage>> = Vec::new();
+    for &(s, w, h, m) in &layout {
         let mut row = Vec::new();
-        let mut dirs: Vec<&Path> = Vec::new();
-        if let Some(m) = measurement {
-            dirs.push(m);
-        }
-        dirs.push(restored);
-        dirs.push(reference);
-        let reference_img = image::open(reference.join(&s.path))
-            .map_err(|e| RuntimeError::file(&reference.join(&s.path), e))?;
-        let (w, h) = (reference_img.width(), reference_img.height());
-        let m = sheet_magnification(w, h);
-        for d in dirs {
+        for d in &dirs {
             let p = find(d, &s.path)
                 .ok_or_else(|| RuntimeError::file(&d.join(&s.path), "not found"))?;
             let img = image::open(&p)
@@ -196,15 +242,6 @@ pub fn sheet(
         }
         tiles.push(row);
     }
-    if tiles.is_empty() {
-        return Err(RuntimeError::Usage(
-            "no images to put on a contact sheet".into(),
-        ));
-    }
-    let gap = 2;
-    let row_w = |row: &Vec<image::RgbImage>| row.iter().map(|t| t.width() + gap).sum::<u32>() + gap;
-    let width = tiles.iter().map(row_w).max().unwrap_or(gap);
-    let height = tiles.iter().map(|r| r[0].height() + gap).sum::<u32>() + gap;
     let mut canvas = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
     let mut y = gap;
     for row in &tiles {
@@ -276,5 +313,30 @@ mod tests {
             .unwrap();
         let e2 = evaluate(&re2, &rf2, None).unwrap();
         sheet(&e2, &re2, &rf2, None, 8, &t.path().join("s2.png")).unwrap();
+    }
+
+    /// A sheet wider than WebP holds is refused from the headers, before any image is decoded
+    /// (the restored image here is no longer readable: the refusal must come first), and writes
+    /// nothing; the same sheet as PNG gets as far as the unreadable file and names it.
+    #[test]
+    fn a_sheet_too_large_for_its_format_is_refused_before_decoding() {
+        let t = tempfile::tempdir().unwrap();
+        let (re, rf) = (t.path().join("restored"), t.path().join("reference"));
+        write(&re, "wide.png", 6000, 20, 40);
+        write(&rf, "wide.png", 6000, 20, 200);
+        let e = evaluate(&re, &rf, None).unwrap();
+        std::fs::write(re.join("wide.png"), b"not a png").unwrap();
+        // Two columns of 6000 px fit WebP's 16383; three (with the measurement) do not.
+        let out = t.path().join("sheet.webp");
+        let err = sheet(&e, &re, &rf, Some(&rf), 8, &out).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("WebP") && msg.contains("18008x24"), "{msg}");
+        assert!(!out.exists());
+        let err = sheet(&e, &re, &rf, None, 8, &out).unwrap_err().to_string();
+        assert!(err.contains("wide.png"), "{err}");
+        let err = sheet(&e, &re, &rf, Some(&rf), 8, &t.path().join("s.png"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wide.png") && !err.contains("WebP"), "{err}");
     }
 }
