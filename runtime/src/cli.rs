@@ -281,6 +281,11 @@ fn finish(report: &Report, path: Option<&Path>, verb: &str) -> Result<ExitCode, 
         report.seconds,
         report.images_per_second
     );
+    if let Some(o) = &report.output_inside_input {
+        eprintln!(
+            "davi: note: the output folder {o} lies inside the input folder: nothing in it was read as an input"
+        );
+    }
     if let Some(p) = path {
         images::write_atomic(p, &serde_json::to_vec_pretty(report)?)?;
     }
@@ -452,11 +457,23 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
         }
     }
     let e = metrics::evaluate(&a.restored, &a.reference, None)?;
+    for f in &e.failed {
+        eprintln!(
+            "davi: not scored: {}: {}",
+            crate::paths::escape(Path::new(&f.path)),
+            crate::paths::one_line(&f.reason)
+        );
+    }
     if e.images.is_empty() {
         return Err(RuntimeError::Usage(format!(
-            "no pair to score: {} holds no image that {} has",
+            "no pair to score: {} holds no image that {} has{}",
             a.restored.display(),
-            a.reference.display()
+            a.reference.display(),
+            if e.failed.is_empty() {
+                String::new()
+            } else {
+                format!(" and can be scored ({} failed, above)", e.failed.len())
+            }
         )));
     }
     print!("{}", e.markdown());
@@ -467,6 +484,14 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
             e.missing[0]
         );
     }
+    if !e.failed.is_empty() {
+        eprintln!(
+            "davi: {} pair(s) could not be scored (above); the scores are of the other {}",
+            e.failed.len(),
+            e.images.len()
+        );
+    }
+    let complete = e.missing.is_empty() && e.failed.is_empty();
     if let Some(p) = &a.json {
         images::write_atomic(p, &serde_json::to_vec_pretty(&e)?)?;
     }
@@ -477,7 +502,7 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
         images::write_atomic(p, e.markdown().as_bytes())?;
     }
     if let (Some(card), Some(method)) = (&card, &a.method) {
-        if e.missing.is_empty() {
+        if complete {
             write_card_row(card, method, &e)?;
         } else {
             eprintln!(
@@ -497,7 +522,7 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
         )?;
         eprintln!("davi: wrote {}", p.display());
     }
-    Ok(if e.missing.is_empty() {
+    Ok(if complete {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -81,9 +81,10 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
         max_pixels: images::DEFAULT_MAX_PIXELS,
         overlap: crate::pipeline::DEFAULT_OVERLAP,
     };
-    let (jobs, ignored) = crate::pipeline::plan(&plan_opts, None, &[])?;
+    let (jobs, planned) = crate::pipeline::plan(&plan_opts, None, &[])?;
     report.found = jobs.len();
-    report.ignored = ignored;
+    report.ignored = planned.ignored;
+    report.output_inside_input = planned.output_inside_input;
     if let Some(l) = &opts.lift {
         let canon = crate::paths::canonical_dir(l);
         let taken = [&opts.input, &opts.output]
@@ -104,7 +105,7 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
         }
         std::fs::create_dir_all(l).map_err(|e| RuntimeError::io(l, e))?;
     }
-    std::fs::create_dir_all(&opts.output).map_err(|e| RuntimeError::io(&opts.output, e))?;
+    crate::paths::prepare_output_dir(&opts.output)?;
     crate::pipeline::remove_stale_temporaries(&jobs, &plan_opts);
     for job in &jobs {
         let (path, rel) = (&job.path, &job.rel);

@@ -1,5 +1,6 @@
 //! Decoding images into model tensors and encoding results, atomically.
 
+use image::ImageDecoder;
 use ndarray::{Array3, ArrayView3};
 use std::path::Path;
 
@@ -87,9 +88,11 @@ pub fn load_limited(
             .with_guessed_format()
             .map_err(|e| format!("cannot read: {e}"))
     };
-    let (w, h) = reader()?
-        .into_dimensions()
+    let mut dec = reader()?
+        .into_decoder()
         .map_err(|e| format!("cannot decode: {e}"))?;
+    let orientation = orientation_of(&mut dec);
+    let (w, h) = oriented(dec.dimensions(), orientation);
     let pixels = w as u64 * h as u64;
     if pixels > max_pixels {
         return Err(format!(
@@ -103,14 +106,17 @@ pub fn load_limited(
             ));
         }
     }
-    let mut r = reader()?;
     let mut limits = image::Limits::default();
-    limits.max_image_width = Some(w);
-    limits.max_image_height = Some(h);
+    limits.max_image_width = Some(w.max(h));
+    limits.max_image_height = Some(w.max(h));
     // The decoded buffer: at most 4 channels of 32-bit floats per pixel.
     limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
-    r.limits(limits);
-    let img = r.decode().map_err(|e| format!("cannot decode: {e}"))?;
+    dec.set_limits(limits)
+        .map_err(|e| format!("cannot decode: {e}"))?;
+    let mut img =
+        image::DynamicImage::from_decoder(dec).map_err(|e| format!("cannot decode: {e}"))?;
+    // Upright as a viewer shows it (a phone's JPEG stores its rotation in EXIF).
+    img.apply_orientation(orientation);
     let (w, h) = (img.width() as usize, img.height() as usize);
     let rgb = img.to_rgb32f();
     let grey_source = !img.color().has_color();
@@ -134,6 +140,35 @@ pub fn load_limited(
         }
     }
     Ok(out)
+}
+
+/// The EXIF orientation a decoder reports; none when the file has none or it cannot be read
+/// (a damaged EXIF block does not make the pixels unreadable).
+fn orientation_of(dec: &mut impl image::ImageDecoder) -> image::metadata::Orientation {
+    dec.orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms)
+}
+
+/// `(w, h)` as stored, turned as `o` turns the image.
+fn oriented((w, h): (u32, u32), o: image::metadata::Orientation) -> (u32, u32) {
+    use image::metadata::Orientation::*;
+    match o {
+        Rotate90 | Rotate270 | Rotate90FlipH | Rotate270FlipH => (h, w),
+        _ => (w, h),
+    }
+}
+
+/// Width and height of the image at `path` as [`load`] returns it (after its EXIF rotation),
+/// from its header alone.
+pub fn dimensions(path: &Path) -> Result<(u32, u32), String> {
+    let mut dec = image::ImageReader::open(path)
+        .map_err(|e| format!("cannot read: {e}"))?
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read: {e}"))?
+        .into_decoder()
+        .map_err(|e| format!("cannot decode: {e}"))?;
+    let o = orientation_of(&mut dec);
+    Ok(oriented(dec.dimensions(), o))
 }
 
 /// `[c, h, w]` in [-1, 1] to 8-bit pixels (round to nearest).
@@ -179,3 +214,56 @@ pub fn encode(img: ArrayView3<f32>, format: Format) -> Result<Vec<u8>, String> {
 }
 
 pub use davi_models::atomic::{write_atomic, WriteError};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A JPEG whose EXIF says "rotate 90 degrees clockwise" (orientation 6), as a phone writes a
+    /// portrait photo: stored 16x8, left half red, right half blue.
+    fn rotated_jpeg(path: &Path) {
+        let img = image::RgbImage::from_fn(16, 8, |x, _| {
+            if x < 8 {
+                image::Rgb([250, 0, 0])
+            } else {
+                image::Rgb([0, 0, 250])
+            }
+        });
+        let mut jpg = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut jpg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+        let mut tiff = b"II*\0\x08\0\0\0\x01\0".to_vec();
+        tiff.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0]);
+        let mut app1 = b"Exif\0\0".to_vec();
+        app1.extend_from_slice(&tiff);
+        let len = (app1.len() + 2) as u16;
+        let mut seg = vec![0xFF, 0xE1];
+        seg.extend_from_slice(&len.to_be_bytes());
+        seg.extend_from_slice(&app1);
+        jpg.splice(2..2, seg);
+        std::fs::write(path, jpg).unwrap();
+    }
+
+    #[test]
+    fn a_photo_is_loaded_upright_as_its_exif_orientation_says() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("portrait.jpg");
+        rotated_jpeg(&p);
+        assert_eq!(dimensions(&p).unwrap(), (8, 16));
+        let a = load(&p, 3, None).unwrap();
+        assert_eq!(a.dim(), (3, 16, 8));
+        // Turned clockwise: the stored left half (red) is on top.
+        assert!(a[[0, 2, 4]] > 0.5 && a[[2, 2, 4]] < -0.5, "top is red");
+        assert!(
+            a[[2, 13, 4]] > 0.5 && a[[0, 13, 4]] < -0.5,
+            "bottom is blue"
+        );
+        // The size a model expects is the upright one.
+        assert!(load(&p, 3, Some((16, 8))).is_ok());
+        let e = load(&p, 3, Some((8, 16))).unwrap_err();
+        assert!(e.contains("this one is 8x16"), "{e}");
+    }
+}

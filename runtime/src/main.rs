@@ -39,6 +39,12 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // A reader that stops early (`davi verify | head -1`) ends the program as it ends `cat`,
+    // instead of a panic in print!: Rust starts with SIGPIPE ignored.
+    // SAFETY: setting a signal's disposition to its default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

@@ -31,6 +31,18 @@ pub struct Evaluation {
     pub ssim_ci95: f64,
     /// References without a restored image.
     pub missing: Vec<String>,
+    /// Pairs that could not be scored (unreadable, or of different sizes), with the reason; the
+    /// others are scored all the same.
+    pub failed: Vec<Failure>,
+}
+
+/// A pair [`evaluate`] could not score.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    /// The file at fault.
+    pub path: String,
+    /// Why.
+    pub reason: String,
 }
 
 /// Compares every reference image with the restored image of the same relative path (any of
@@ -49,47 +61,25 @@ pub fn evaluate(
     }
     let mut scores = Vec::new();
     let mut missing = Vec::new();
+    let mut failed = Vec::new();
     for r in refs {
         let rel = r.strip_prefix(reference).unwrap_or(&r).to_path_buf();
-        let found = ["png", "jpg", "webp"]
-            .iter()
-            .map(|e| restored.join(&rel).with_extension(e))
-            .find(|p| p.is_file());
+        let found = find_image(restored, &rel);
         let Some(out) = found else {
             missing.push(rel.display().to_string());
             continue;
         };
-        let c = channels.unwrap_or_else(|| {
-            if image::open(&r)
-                .map(|i| i.color().has_color())
-                .unwrap_or(true)
-            {
-                3
-            } else {
-                1
-            }
-        });
-        let a = images::load(&r, c, None)
-            .map_err(|e| RuntimeError::file(&r, e))?
-            .mapv(|v| (v + 1.0) / 2.0);
-        let b = images::load(&out, c, None)
-            .map_err(|e| RuntimeError::file(&out, e))?
-            .mapv(|v| (v + 1.0) / 2.0);
-        if a.dim() != b.dim() {
-            return Err(RuntimeError::file(
-                &out,
-                format!(
-                    "size {:?} differs from the reference's {:?}",
-                    b.dim(),
-                    a.dim()
-                ),
-            ));
+        match score_pair(&r, &out, channels) {
+            Ok((psnr, ssim)) => scores.push(Score {
+                path: rel.display().to_string(),
+                psnr,
+                ssim,
+            }),
+            Err((path, reason)) => failed.push(Failure {
+                path: path.display().to_string(),
+                reason,
+            }),
         }
-        scores.push(Score {
-            path: rel.display().to_string(),
-            psnr: psnr(a.view(), b.view()),
-            ssim: ssim(a.view(), b.view()),
-        });
     }
     let (p, pc) = mean_ci95(&scores.iter().map(|s| s.psnr.min(100.0)).collect::<Vec<_>>());
     let (s, sc) = mean_ci95(&scores.iter().map(|s| s.ssim).collect::<Vec<_>>());
@@ -100,7 +90,62 @@ pub fn evaluate(
         ssim: s,
         ssim_ci95: sc,
         missing,
+        failed,
     })
+}
+
+/// The image `rel` of `dir`: under its own name, with an output format's extension instead of
+/// its own, or with one added to it (restore's names for inputs that differ only in their
+/// extension: `a.png.png`, `a.jpg.png`).
+fn find_image(dir: &Path, rel: &Path) -> Option<PathBuf> {
+    const EXT: [&str; 3] = ["png", "jpg", "webp"];
+    let p = dir.join(rel);
+    std::iter::once(p.clone())
+        .chain(EXT.iter().map(|e| p.with_extension(e)))
+        .chain(EXT.iter().map(|e| {
+            let mut q = p.clone().into_os_string();
+            q.push(format!(".{e}"));
+            PathBuf::from(q)
+        }))
+        .find(|q| q.is_file())
+}
+
+/// PSNR and SSIM of the restored image `out` against the reference `r`, in `channels` (default:
+/// the reference's, from its header); the file at fault and why when they cannot be scored.
+fn score_pair(
+    r: &Path,
+    out: &Path,
+    channels: Option<usize>,
+) -> Result<(f64, f64), (PathBuf, String)> {
+    let c = channels.unwrap_or_else(|| {
+        let colour = image::ImageReader::open(r)
+            .ok()
+            .and_then(|i| i.with_guessed_format().ok())
+            .and_then(|i| i.into_decoder().ok())
+            .map(|d| image::ImageDecoder::color_type(&d).has_color());
+        if colour.unwrap_or(true) {
+            3
+        } else {
+            1
+        }
+    });
+    let a = images::load(r, c, None)
+        .map_err(|e| (r.to_path_buf(), e))?
+        .mapv(|v| (v + 1.0) / 2.0);
+    let b = images::load(out, c, None)
+        .map_err(|e| (out.to_path_buf(), e))?
+        .mapv(|v| (v + 1.0) / 2.0);
+    if a.dim() != b.dim() {
+        return Err((
+            out.to_path_buf(),
+            format!(
+                "size {:?} differs from the reference's {:?}",
+                b.dim(),
+                a.dim()
+            ),
+        ));
+    }
+    Ok((psnr(a.view(), b.view()), ssim(a.view(), b.view())))
 }
 
 impl Evaluation {
@@ -132,6 +177,15 @@ impl Evaluation {
     }
 }
 
+/// `[3, h, w]` in [-1, 1] as an 8-bit RGB image.
+fn to_rgb(a: &ndarray::Array3<f32>) -> image::RgbImage {
+    let (_, h, w) = a.dim();
+    image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let (x, y) = (x as usize, y as usize);
+        image::Rgb([0, 1, 2].map(|k| images::to_u8(a[[k, y, x]])))
+    })
+}
+
 /// The largest contact sheet [`sheet`] draws, in pixels (3 bytes each in memory).
 pub const SHEET_MAX_PIXELS: u64 = 1 << 28;
 
@@ -153,16 +207,6 @@ pub fn sheet(
     rows: usize,
     out: &Path,
 ) -> Result<(), RuntimeError> {
-    // The file under its own name first, else under an output format's extension.
-    let find = |dir: &Path, rel: &str| {
-        std::iter::once(dir.join(rel))
-            .chain(
-                ["png", "jpg", "webp"]
-                    .iter()
-                    .map(|e| dir.join(rel).with_extension(e)),
-            )
-            .find(|p| p.is_file())
-    };
     let format = match image::ImageFormat::from_path(out) {
         Ok(f @ (image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP)) => {
             f
@@ -186,7 +230,7 @@ pub fn sheet(
     let mut layout = Vec::new();
     for s in eval.images.iter().take(rows) {
         let p = reference.join(&s.path);
-        let (w, h) = image::image_dimensions(&p).map_err(|e| RuntimeError::file(&p, e))?;
+        let (w, h) = images::dimensions(&p).map_err(|e| RuntimeError::file(&p, e))?;
         layout.push((s, w, h, sheet_magnification(w, h)));
     }
     if layout.is_empty() {
@@ -231,11 +275,9 @@ pub fn sheet(
     for &(s, w, h, m) in &layout {
         let mut row = Vec::new();
         for d in &dirs {
-            let p = find(d, &s.path)
+            let p = find_image(d, Path::new(&s.path))
                 .ok_or_else(|| RuntimeError::file(&d.join(&s.path), "not found"))?;
-            let img = image::open(&p)
-                .map_err(|e| RuntimeError::file(&p, e))?
-                .to_rgb8();
+            let img = to_rgb(&images::load(&p, 3, None).map_err(|e| RuntimeError::file(&p, e))?);
             let img =
                 image::imageops::resize(&img, w * m, h * m, image::imageops::FilterType::Nearest);
             row.push(img);
@@ -313,6 +355,38 @@ mod tests {
             .unwrap();
         let e2 = evaluate(&re2, &rf2, None).unwrap();
         sheet(&e2, &re2, &rf2, None, 8, &t.path().join("s2.png")).unwrap();
+    }
+
+    /// One unreadable restored image or one of the wrong size is a failure of that pair, named
+    /// with its reason; every other pair is scored. Restore's names for inputs that differ only
+    /// in their extension (a.png.png, a.jpg.png) are found.
+    #[test]
+    fn a_bad_pair_is_reported_and_the_others_are_scored() {
+        let t = tempfile::tempdir().unwrap();
+        let (re, rf) = (t.path().join("restored"), t.path().join("reference"));
+        for (name, v) in [("a.png", 10), ("b.png", 20), ("c.png", 30)] {
+            write(&rf, name, 16, 16, v);
+        }
+        write(&rf, "d.jpg", 16, 16, 40);
+        write(&re, "a.png", 16, 16, 12);
+        std::fs::write(re.join("b.png"), b"").unwrap();
+        write(&re, "c.png", 8, 8, 30);
+        write(&re, "d.jpg.png", 16, 16, 40);
+        let e = evaluate(&re, &rf, None).unwrap();
+        let scored: Vec<&str> = e.images.iter().map(|s| s.path.as_str()).collect();
+        assert_eq!(scored, ["a.png", "d.jpg"]);
+        assert!(e.missing.is_empty());
+        assert_eq!(e.failed.len(), 2);
+        assert!(
+            e.failed[0].path.ends_with("b.png") && e.failed[0].reason.contains("empty"),
+            "{:?}",
+            e.failed[0]
+        );
+        assert!(
+            e.failed[1].path.ends_with("c.png") && e.failed[1].reason.contains("differs"),
+            "{:?}",
+            e.failed[1]
+        );
     }
 
     /// A sheet wider than WebP holds is refused from the headers, before any image is decoded

@@ -38,6 +38,26 @@ pub fn one_line(s: &str) -> String {
         .collect()
 }
 
+/// Creates the output folder `dir` and makes sure a file can be written in it, before any work:
+/// an output path that is a file, or a folder this user cannot write in, is found out once, not
+/// once per image after every image was run through the model.
+pub fn prepare_output_dir(dir: &Path) -> Result<(), crate::RuntimeError> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(crate::RuntimeError::Usage(format!(
+            "output {}: exists and is not a folder",
+            escape(dir)
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| crate::RuntimeError::io(dir, e))?;
+    tempfile::Builder::new()
+        .prefix(".davi-write-check")
+        .tempfile_in(dir)
+        .map_err(|e| {
+            crate::RuntimeError::Usage(format!("output {}: cannot write in it: {e}", escape(dir)))
+        })?;
+    Ok(())
+}
+
 /// Canonical form of a folder that may not exist yet: its nearest existing ancestor resolved
 /// (symlinks included), the rest appended.
 pub fn canonical_dir(dir: &Path) -> PathBuf {

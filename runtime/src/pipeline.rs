@@ -70,6 +70,10 @@ pub struct Report {
     pub skipped: usize,
     /// Files with another extension, not read.
     pub ignored: usize,
+    /// The output folder, when it lies inside the input folder: not walked, so that no output
+    /// is read back as an input (and no file already in it is one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_inside_input: Option<String>,
     /// Failures, each with its path and reason.
     pub failed: Vec<Failure>,
     /// Wall time of the run.
@@ -161,13 +165,19 @@ fn list_inputs(opts: &RestoreOptions, report: &mut Report) -> Result<Vec<Job>, R
     // An output folder inside the input folder is not walked: its files are ours, not inputs.
     let out_root = paths::canonical_dir(&opts.output);
     let mut jobs = Vec::new();
+    let out_inside = std::cell::Cell::new(false);
     let walker = walkdir::WalkDir::new(input)
         .follow_links(opts.follow_symlinks)
         .sort_by_file_name()
         .into_iter()
         .filter_entry(|e| {
             // Only folders can be the output folder: files are not resolved.
-            !(e.file_type().is_dir() && e.path().canonicalize().is_ok_and(|p| p == out_root))
+            let ours =
+                e.file_type().is_dir() && e.path().canonicalize().is_ok_and(|p| p == out_root);
+            if ours {
+                out_inside.set(true);
+            }
+            !ours
         });
     for entry in walker {
         let entry = match entry {
@@ -241,6 +251,9 @@ fn list_inputs(opts: &RestoreOptions, report: &mut Report) -> Result<Vec<Job>, R
             job.link_target = path.canonicalize().ok();
         }
         jobs.push(job);
+    }
+    if out_inside.get() {
+        report.output_inside_input = Some(paths::escape(&opts.output));
     }
     Ok(jobs)
 }
@@ -433,8 +446,8 @@ fn check_no_input_replaced(
     Ok(())
 }
 
-/// The inputs of `opts` (sorted, sharded) with their output names, and the count of other files
-/// ignored. Refuses (a usage error, before anything is written) a run whose outputs would replace
+/// The inputs of `opts` (sorted, sharded) with their output names, and a report that counts the
+/// other files ignored (and names an output folder inside the input folder, not walked). Refuses (a usage error, before anything is written) a run whose outputs would replace
 /// an input or `report_path`.
 ///
 /// Naming: outputs mirror the input's relative path with the input's stem (`a.png` ->
@@ -446,7 +459,7 @@ pub fn plan(
     opts: &RestoreOptions,
     report_path: Option<&Path>,
     protect: &[&Path],
-) -> Result<(Vec<Job>, usize), RuntimeError> {
+) -> Result<(Vec<Job>, Report), RuntimeError> {
     let mut report = Report::default();
     let mut jobs = list_inputs(opts, &mut report)?;
     // Names are given over the whole list, so that every shard names files as one run would.
@@ -460,7 +473,7 @@ pub fn plan(
             .collect();
     }
     check_no_input_replaced(opts, &jobs, report_path, protect)?;
-    Ok((jobs, report.ignored))
+    Ok((jobs, report))
 }
 
 /// Removes the temporaries that killed writers of this machine left for outputs this run plans
@@ -572,12 +585,10 @@ pub fn restore(
             opts.batch, opts.samples
         )));
     }
-    let mut report = Report::default();
     let model_path = model.path.clone();
-    let (jobs, ignored) = plan(opts, report_path, &[&model_path])?;
-    report.ignored = ignored;
+    let (jobs, mut report) = plan(opts, report_path, &[&model_path])?;
     report.found = jobs.len();
-    std::fs::create_dir_all(&opts.output).map_err(|e| RuntimeError::io(&opts.output, e))?;
+    crate::paths::prepare_output_dir(&opts.output)?;
     remove_stale_temporaries(&jobs, opts);
 
     let mut failed: BTreeMap<usize, String> = jobs

@@ -308,10 +308,30 @@ fn output_folder_inside_the_input_is_not_read_back() {
     let inp = tmp.path().join("data");
     write_images(&inp, 3, 32);
     let out = inp.join("restored");
-    for _ in 0..2 {
+    for run in 0..2 {
         let (code, _, err) = restore(&model, &inp, &out, &[]);
         assert_eq!(code, 0, "{err}");
         assert!(err.contains("restored 3 of 3"), "{err}");
+        // Once the folder exists, said, not silent: a file a user put there is not an input.
+        assert_eq!(
+            err.contains("lies inside the input folder: nothing in it was read"),
+            run == 1,
+            "{err}"
+        );
     }
     assert_eq!(tree(&out).len(), 3);
+}
+
+#[test]
+fn an_output_path_that_is_a_file_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("data");
+    write_images(&inp, 2, 32);
+    let out = tmp.path().join("afile");
+    std::fs::write(&out, b"keep me").unwrap();
+    let (code, _, err) = restore(&model, &inp, &out, &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("afile: exists and is not a folder"), "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), b"keep me");
 }
