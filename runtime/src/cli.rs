@@ -81,7 +81,8 @@ pub struct RestoreArgs {
     /// Seed of the bridge noise (with the relative path).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Skip inputs whose output exists (resume an interrupted run).
+    /// Skip inputs whose outputs all exist (with --samples, every sample, .std and the mean):
+    /// resume an interrupted run.
     #[arg(long)]
     pub skip_existing: bool,
     /// Process only shard i of n (`i/n`), for job arrays across machines.

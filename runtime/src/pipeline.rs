@@ -34,7 +34,7 @@ pub struct RestoreOptions {
     pub batch: usize,
     /// Seed of the bridge noise.
     pub seed: u64,
-    /// Skip inputs whose output already exists.
+    /// Skip inputs whose outputs (with `samples`, every sample, `.std` and the mean) all exist.
     pub skip_existing: bool,
     /// Process only the inputs `k` with `k % n == i` (of the sorted list).
     pub shard: Option<(usize, usize)>,
@@ -601,7 +601,14 @@ pub fn restore(
         .collect();
     if opts.skip_existing {
         let before = todo.len();
-        todo.retain(|&i| !jobs[i].output(&opts.output, opts.format, "").exists());
+        // Done only when every output of this run's naming exists: a run of fewer --samples,
+        // or a sample or .std deleted since, is redone (the mean is written last, after them).
+        let names = suffixes(opts.samples);
+        todo.retain(|&i| {
+            !names
+                .iter()
+                .all(|sfx| jobs[i].output(&opts.output, opts.format, sfx).exists())
+        });
         report.skipped = before - todo.len();
     }
     // Rows per session run: a fixed batch of the graph wins (short runs are padded).

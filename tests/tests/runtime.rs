@@ -182,6 +182,28 @@ fn samples_write_mean_and_std() {
         t["img_000.sample0.png"], t["img_000.sample1.png"],
         "samples should differ"
     );
+    // --skip-existing: an input is done only when all its outputs are there. More samples, or a
+    // deleted .std, make it run again.
+    let (code, _, err) = restore(&model, &inp, &out, &["--samples", "3", "--skip-existing"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("restored 0 of 2 (2 skipped"), "{err}");
+    std::fs::remove_file(out.join("img_001.std.png")).unwrap();
+    let (code, _, err) = restore(&model, &inp, &out, &["--samples", "3", "--skip-existing"]);
+    assert!(
+        code == 0 && err.contains("restored 1 of 2 (1 skipped"),
+        "{err}"
+    );
+    let (code, _, err) = restore(&model, &inp, &out, &["--samples", "4", "--skip-existing"]);
+    assert!(
+        code == 0 && err.contains("restored 2 of 2 (0 skipped"),
+        "{err}"
+    );
+    let again = tree(&out);
+    assert!(again.contains_key("img_001.sample3.png"));
+    // Each sample is seeded by its own index: the first three are the same as before.
+    for k in ["img_000.sample0.png", "img_001.sample2.png"] {
+        assert!(again[k] == t[k], "{k} changed");
+    }
 }
 
 #[test]
