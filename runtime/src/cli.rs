@@ -49,7 +49,8 @@ impl EpArgs {
     }
 }
 
-/// `--shard i/n`: the inputs whose index in the sorted list is `i` mod `n`.
+/// `--shard i/n`: the inputs whose relative path hashes to `i` mod `n`
+/// ([`crate::pipeline::shard_of`]).
 pub fn parse_shard(s: &str) -> Result<(usize, usize), String> {
     let bad = || format!("expected i/n with 0 <= i < n, got '{s}'");
     let (i, n) = s.split_once('/').ok_or_else(bad)?;
@@ -85,7 +86,8 @@ pub struct RestoreArgs {
     /// resume an interrupted run.
     #[arg(long)]
     pub skip_existing: bool,
-    /// Process only shard i of n (`i/n`), for job arrays across machines.
+    /// Process only shard i of n (`i/n`, by a hash of each input's relative path), for job
+    /// arrays across machines.
     #[arg(long, value_parser = parse_shard)]
     pub shard: Option<(usize, usize)>,
     /// Posterior samples per image; more than one also writes their mean and std map.

@@ -446,6 +446,17 @@ fn check_no_input_replaced(
     Ok(())
 }
 
+/// The shard of `n` an input belongs to, from its path relative to the input folder alone (the
+/// first 8 bytes of its SHA-256, mod `n`): a file keeps its shard whatever else the folder holds,
+/// so files that arrive while an array job runs, or a listing that differs between machines,
+/// move no other file to another shard.
+pub fn shard_of(rel: &Path, n: usize) -> usize {
+    use std::os::unix::ffi::OsStrExt;
+    let h = Sha256::digest(rel.as_os_str().as_bytes());
+    let v = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
+    (v % n as u64) as usize
+}
+
 /// The inputs of `opts` (sorted, sharded) with their output names, and a report that counts the
 /// other files ignored (and names an output folder inside the input folder, not walked). Refuses (a usage error, before anything is written) a run whose outputs would replace
 /// an input or `report_path`.
@@ -465,12 +476,7 @@ pub fn plan(
     // Names are given over the whole list, so that every shard names files as one run would.
     name_outputs(&mut jobs, opts.samples, opts.format);
     if let Some((i, n)) = opts.shard {
-        jobs = jobs
-            .into_iter()
-            .enumerate()
-            .filter(|(k, _)| k % n == i)
-            .map(|(_, j)| j)
-            .collect();
+        jobs.retain(|j| shard_of(j.path.strip_prefix(&opts.input).unwrap_or(&j.path), n) == i);
     }
     check_no_input_replaced(opts, &jobs, report_path, protect)?;
     Ok((jobs, report))

@@ -647,3 +647,48 @@ fn counts_add_up_and_every_odd_file_is_named_on_one_line() {
     assert_eq!(r["found"], 6);
     assert_eq!(r["failed"].as_array().unwrap().len(), 4);
 }
+
+/// A file's shard follows its path alone: files added to the folder (sorting between the old
+/// ones) move no old file to another shard, and the shards still cover every file once.
+#[test]
+fn files_added_later_move_no_other_file_between_shards() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    let src = write_images(&tmp.path().join("src"), 4, 32);
+    let put = |name: &str, k: usize| {
+        std::fs::copy(&src[k % src.len()], inp.join(name)).unwrap();
+    };
+    std::fs::create_dir_all(&inp).unwrap();
+    for k in 0..12 {
+        put(&format!("f{:02}.png", 2 * k), k);
+    }
+    let shard_files = |dir: &Path, i: usize| -> std::collections::BTreeSet<String> {
+        let out = dir.join(format!("s{i}"));
+        let (code, _, err) = restore(&model, &inp, &out, &["--shard", &format!("{i}/3")]);
+        assert_eq!(code, 0, "{err}");
+        tree(&out).into_keys().collect()
+    };
+    let before: Vec<_> = (0..3)
+        .map(|i| shard_files(&tmp.path().join("a"), i))
+        .collect();
+    for k in 0..12 {
+        put(&format!("f{:02}.png", 2 * k + 1), k);
+    }
+    let after: Vec<_> = (0..3)
+        .map(|i| shard_files(&tmp.path().join("b"), i))
+        .collect();
+    let mut all = std::collections::BTreeSet::new();
+    for i in 0..3 {
+        assert!(before[i].is_subset(&after[i]), "shard {i} lost a file");
+        for f in &after[i] {
+            assert!(all.insert(f.clone()), "{f} in two shards");
+            let k: usize = f[1..3].parse().unwrap();
+            assert!(
+                k % 2 == 1 || before[i].contains(f),
+                "{f} moved into shard {i}"
+            );
+        }
+    }
+    assert_eq!(all.len(), 24);
+}
