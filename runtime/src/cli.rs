@@ -269,7 +269,8 @@ fn too_large(what: &str, n: usize, most: usize) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// Prints a run's failures and summary, writes its JSON report; 1 when anything failed.
+/// Prints a run's failures and summary, writes its JSON report; 1 when anything failed, 130
+/// when a signal stopped it.
 fn finish(report: &Report, path: Option<&Path>, verb: &str) -> Result<ExitCode, RuntimeError> {
     for f in &report.failed {
         eprintln!("davi: failed: {}: {}", f.path, f.reason);
@@ -284,6 +285,12 @@ fn finish(report: &Report, path: Option<&Path>, verb: &str) -> Result<ExitCode, 
         report.seconds,
         report.images_per_second
     );
+    if report.interrupted {
+        eprintln!(
+            "davi: interrupted: {} input(s) not started; the images in flight were written. Rerun with --skip-existing to finish",
+            report.not_done
+        );
+    }
     if let Some(o) = &report.output_inside_input {
         eprintln!(
             "davi: note: the output folder {o} lies inside the input folder: nothing in it was read as an input"
@@ -292,7 +299,9 @@ fn finish(report: &Report, path: Option<&Path>, verb: &str) -> Result<ExitCode, 
     if let Some(p) = path {
         images::write_atomic(p, &serde_json::to_vec_pretty(report)?)?;
     }
-    Ok(if report.failed.is_empty() {
+    Ok(if report.interrupted {
+        ExitCode::from(130)
+    } else if report.failed.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -53,7 +53,19 @@ fn main() -> ExitCode {
         .init();
     let Cli { ort_lib, cmd } = Cli::parse();
     let result = match cmd {
-        Cmd::Restore(a) => cli::restore(a, ort_lib),
+        Cmd::Restore(a) => {
+            // SIGINT, SIGTERM or SIGHUP: finish the images in flight, write the report, exit
+            // 130; a second signal exits at once (atomic writes leave nothing half-written).
+            let _ = ctrlc::set_handler(|| {
+                if davi_runtime::pipeline::request_stop() {
+                    std::process::exit(130);
+                }
+                eprintln!(
+                    "\ndavi: stopping after the images in flight (signal again to stop at once)"
+                );
+            });
+            cli::restore(a, ort_lib)
+        }
         Cmd::Degrade(a) => cli::degrade(a, ort_lib),
         Cmd::Eval(a) => cli::eval(a),
         Cmd::Verify(a) => cli::verify(a, ort_lib),

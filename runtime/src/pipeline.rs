@@ -84,6 +84,12 @@ pub struct Report {
     pub session_seconds: f64,
     /// Session rows run (tiles of every sample).
     pub rows: usize,
+    /// Whether a signal (SIGINT, SIGTERM, SIGHUP) stopped the run before every input was done:
+    /// the images in flight were finished and written, no other was started.
+    pub interrupted: bool,
+    /// Inputs not started because the run was interrupted (found = restored + skipped + failed
+    /// + not_done).
+    pub not_done: usize,
     /// Megapixels of restored output (per input, not per sample).
     pub megapixels: f64,
 }
@@ -649,10 +655,9 @@ pub fn restore(
         .into_iter()
         .map(|(i, reason)| jobs[i].failure(reason))
         .collect();
-    debug_assert_eq!(
-        report.found,
-        report.restored + report.skipped + report.failed.len()
-    );
+    report.not_done = report.found - (report.restored + report.skipped + report.failed.len());
+    report.interrupted = report.not_done > 0;
+    debug_assert!(report.not_done == 0 || stop_requested());
     report.seconds = start.elapsed().as_secs_f64();
     report.session_seconds = session_seconds;
     report.rows = rows;
@@ -733,6 +738,19 @@ fn next_group(jobs: &[Job], todo: &[usize], start: usize, most: usize) -> usize 
     end
 }
 
+/// Set by [`request_stop`]: the decode stage starts no further input.
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Asks a running restore to stop after the images in flight (a signal handler calls it); the
+/// run then reports what was done and what was not. Returns whether a stop was already asked.
+pub fn request_stop() -> bool {
+    STOP.swap(true, std::sync::atomic::Ordering::SeqCst)
+}
+
+fn stop_requested() -> bool {
+    STOP.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Stage 1: decodes the inputs `todo` on the rayon pool, cuts each into the tiles the model
 /// takes, and sends the rows (one per sample and tile, with its noise, drawn there too) in runs
 /// of `rows_per_run`, and the inputs that failed. An image of the model's size is one tile whose
@@ -776,7 +794,7 @@ fn decode_stage(
         tx.send(Chunk { rows, failed }).is_ok()
     };
     let mut start = 0;
-    while start < todo.len() {
+    while start < todo.len() && !stop_requested() {
         let end = next_group(jobs, todo, start, (rows_per_run / k).max(1));
         let group = &todo[start..end];
         start = end;

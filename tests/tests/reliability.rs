@@ -288,6 +288,73 @@ fn a_run_killed_at_any_moment_resumes_to_the_identical_tree() {
     }
 }
 
+/// SIGTERM (a scheduler's preemption) or SIGINT stops a restore cleanly: the images in flight
+/// are written, the summary and the report say what was not done, the exit code is 130, and a
+/// rerun with --skip-existing ends with the uninterrupted tree.
+#[test]
+fn a_signal_stops_a_restore_with_a_report_and_it_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    write_images(&inp, 400, 32);
+    let full = tmp.path().join("full");
+    assert_eq!(restore(&model, &inp, &full, &[]).0, 0);
+    let want = tree(&full);
+    for signal in ["-TERM", "-INT"] {
+        let part = tmp.path().join(format!("part{signal}"));
+        let report = tmp.path().join(format!("report{signal}.json"));
+        let child = std::process::Command::new(bin("davi"))
+            .args(["restore", "--batch", "1", "--threads", "1", "-m"])
+            .arg(&model)
+            .arg("-i")
+            .arg(&inp)
+            .arg("-o")
+            .arg(&part)
+            .arg("--report")
+            .arg(&report)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = std::time::Instant::now();
+        while walk(&part).len() < 5 && t.elapsed().as_secs() < 60 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let st = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{signal}: {err}");
+        assert!(
+            err.contains("interrupted:") && err.contains("--skip-existing"),
+            "{err}"
+        );
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"));
+        assert!(r["interrupted"].as_bool().unwrap());
+        assert!(n("not_done") > 0 && n("restored") > 0, "{r}");
+        assert_eq!(
+            n("found"),
+            n("restored")
+                + n("skipped")
+                + n("not_done")
+                + r["failed"].as_array().unwrap().len() as u64
+        );
+        // What was written is complete: exactly the uninterrupted run's bytes.
+        let got = tree(&part);
+        assert_eq!(got.len() as u64, n("restored"), "{signal}");
+        for (k, v) in &got {
+            assert!(want.get(k) == Some(v), "{k} differs");
+        }
+        let (code, _, err) = restore(&model, &inp, &part, &["--skip-existing"]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(tree(&part), want, "{signal}");
+    }
+}
+
 /// A genuine parity file of `model`: K inputs and what ONNX Runtime computes for them.
 fn parity_file(model: &Path, out: &Path, nan_image: bool) {
     use ndarray::Array4;
