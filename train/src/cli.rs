@@ -587,6 +587,7 @@ pub fn images(a: ImagesArgs) -> Result<ExitCode> {
             dir,
             extra_dirs,
             test_photos,
+            exclude,
             downscale,
         }) = &cfg.data
         else {
@@ -597,6 +598,7 @@ pub fn images(a: ImagesArgs) -> Result<ExitCode> {
             dir,
             extra_dirs,
             test_photos,
+            exclude,
             *downscale as usize,
             a.split,
             c,

@@ -128,11 +128,13 @@ pub fn fashion_mnist(dir: &Path, split: Split) -> Result<(tch::Tensor, tch::Tens
 /// The photographs of a split, each downscaled by `downscale` (so a crop holds a scene part, not
 /// a few pixels), with their file stems. With `test_photos`, those photos form the test split
 /// whole and the others train; without, each photo gives its left 80% to training and its right
-/// 20% to test. Colour models (`c = 3`) skip grey photos.
+/// 20% to test. Colour models (`c = 3`) skip grey photos; the `exclude` stems are in no split.
+#[allow(clippy::too_many_arguments)]
 pub fn split_photos(
     dir: &str,
     extra_dirs: &[String],
     test_photos: &[String],
+    exclude: &[String],
     downscale: usize,
     split: Split,
     c: usize,
@@ -150,7 +152,20 @@ pub fn split_photos(
         if !files.iter().any(|f| stem(f).as_deref() == Some(t.as_str())) {
             bail!("test photo '{t}' is in none of the photo folders");
         }
+        if exclude.contains(t) {
+            bail!("photo '{t}' is both a test photo and excluded");
+        }
     }
+    for x in exclude {
+        if !files.iter().any(|f| stem(f).as_deref() == Some(x.as_str())) {
+            bail!("excluded photo '{x}' is in none of the photo folders");
+        }
+    }
+    files.retain(|f| {
+        !exclude
+            .iter()
+            .any(|x| stem(f).as_deref() == Some(x.as_str()))
+    });
     let k = downscale.max(1) as u32;
     let mut out = Vec::new();
     for f in files {
@@ -288,12 +303,19 @@ impl Dataset {
                 dir,
                 extra_dirs,
                 test_photos,
+                exclude,
                 downscale,
             } => {
                 let mut photos = Vec::new();
-                for (_, part) in
-                    split_photos(dir, extra_dirs, test_photos, *downscale as usize, split, c)?
-                {
+                for (_, part) in split_photos(
+                    dir,
+                    extra_dirs,
+                    test_photos,
+                    exclude,
+                    *downscale as usize,
+                    split,
+                    c,
+                )? {
                     if (part.width() as usize) < s || (part.height() as usize) < s {
                         continue;
                     }
@@ -520,6 +542,7 @@ mod tests {
             dir: a.path().display().to_string(),
             extra_dirs: vec![b.path().display().to_string()],
             test_photos: test.iter().map(|s| s.to_string()).collect(),
+            exclude: Vec::new(),
             downscale: 4,
         };
         let blue = |v: &[f32]| v[2 * 32 * 32] > 0.9 && v[0] < -0.9;
@@ -547,6 +570,7 @@ mod tests {
             &a.path().display().to_string(),
             &[b.path().display().to_string()],
             &["blue".to_string()],
+            &[],
             4,
             Split::Test,
             3,
@@ -555,5 +579,27 @@ mod tests {
         assert_eq!(whole.len(), 1);
         assert_eq!(whole[0].0, "blue");
         assert_eq!((whole[0].1.width(), whole[0].1.height()), (40, 40));
+        // Excluded pictures are in no split; an unknown or held-out name is an error.
+        let split = |exclude: &[&str], sp: Split| {
+            split_photos(
+                &a.path().display().to_string(),
+                &[b.path().display().to_string()],
+                &["blue".to_string()],
+                &exclude.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                4,
+                sp,
+                3,
+            )
+        };
+        let names = |v: Vec<(String, image::DynamicImage)>| {
+            v.into_iter().map(|(n, _)| n).collect::<Vec<_>>()
+        };
+        assert_eq!(names(split(&[], Split::Train).unwrap()), ["green", "red"]);
+        assert_eq!(names(split(&["red"], Split::Train).unwrap()), ["green"]);
+        assert_eq!(names(split(&["red"], Split::Test).unwrap()), ["blue"]);
+        let e = format!("{:#}", split(&["wheel"], Split::Train).unwrap_err());
+        assert!(e.contains("'wheel' is in none"), "{e}");
+        let e = format!("{:#}", split(&["blue"], Split::Train).unwrap_err());
+        assert!(e.contains("both a test photo and excluded"), "{e}");
     }
 }

@@ -756,6 +756,7 @@ pub fn blank_card(cfg: &DaviConfig) -> Result<ModelCard> {
             dir,
             extra_dirs,
             test_photos,
+            exclude,
             downscale,
         }) => {
             let dirs = std::iter::once(dir)
@@ -763,6 +764,11 @@ pub fn blank_card(cfg: &DaviConfig) -> Result<ModelCard> {
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(", ");
+            let dirs = if exclude.is_empty() {
+                dirs
+            } else {
+                format!("{dirs} (less {})", exclude.join(", "))
+            };
             if test_photos.is_empty() {
                 format!("{s}x{s} crops of the photographs in {dirs}, downscaled by {downscale} (left 80% of each; the right 20% test)")
             } else {
