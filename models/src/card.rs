@@ -364,6 +364,10 @@ pub struct DpsTuning {
     /// sweep resumes; `eval` takes only a complete one).
     #[serde(default = "complete_default")]
     pub complete: bool,
+    /// SHA-256 of the prior's checkpoint the sweep ran with: a sweep of another prior (one since
+    /// retrained) is neither resumed nor used. Absent in cards of before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_sha256: Option<String>,
 }
 
 fn complete_default() -> bool {
@@ -565,6 +569,7 @@ mod tests {
                 sweep: vec![(1.0, 19.0, 0.6), (0.17320508075688773, 19.4, 0.6)],
                 zeta: 0.17320508075688773,
                 complete: false,
+                teacher_sha256: None,
             }),
             whole_photos: Some(WholePhotos {
                 images: vec!["a.png".into(), "b.png".into()],

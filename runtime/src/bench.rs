@@ -78,6 +78,7 @@ pub fn restore(
         progress: false,
         max_pixels: crate::images::DEFAULT_MAX_PIXELS,
         overlap,
+        stop: None,
     };
     pipeline::restore(model, &opts, None)
 }

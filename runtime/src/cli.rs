@@ -6,7 +6,7 @@ use crate::images::{self, Format};
 use crate::model::SessionOptions;
 use crate::pipeline::{self, Report, RestoreOptions};
 use crate::{degrade, metrics, verify, Ep, Model, RuntimeError};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -272,10 +272,17 @@ fn too_large(what: &str, n: usize, most: usize) -> Result<(), RuntimeError> {
 /// Prints a run's failures and summary, writes its JSON report; 1 when anything failed, 130
 /// when a signal stopped it.
 fn finish(report: &Report, path: Option<&Path>, verb: &str) -> Result<ExitCode, RuntimeError> {
-    for f in &report.failed {
-        eprintln!("davi: failed: {}: {}", f.path, f.reason);
+    // The report first: the terminal or pipe the summary goes to may be gone (a closed SSH
+    // session, `| tee` stopped by the same Ctrl-C), and the report must not depend on it.
+    if let Some(p) = path {
+        images::write_atomic(p, &serde_json::to_vec_pretty(report)?)?;
     }
-    eprintln!(
+    let mut err = std::io::stderr().lock();
+    for f in &report.failed {
+        let _ = writeln!(err, "davi: failed: {}: {}", f.path, f.reason);
+    }
+    let _ = writeln!(
+        err,
         "davi: {verb} {} of {} ({} skipped, {} failed, {} other files ignored) in {:.2}s, {:.1} images/s",
         report.restored,
         report.found,
@@ -286,18 +293,17 @@ fn finish(report: &Report, path: Option<&Path>, verb: &str) -> Result<ExitCode, 
         report.images_per_second
     );
     if report.interrupted {
-        eprintln!(
+        let _ = writeln!(
+            err,
             "davi: interrupted: {} input(s) not started; the images in flight were written. Rerun with --skip-existing to finish",
             report.not_done
         );
     }
     if let Some(o) = &report.output_inside_input {
-        eprintln!(
+        let _ = writeln!(
+            err,
             "davi: note: the output folder {o} lies inside the input folder: nothing in it was read as an input"
         );
-    }
-    if let Some(p) = path {
-        images::write_atomic(p, &serde_json::to_vec_pretty(report)?)?;
     }
     Ok(if report.interrupted {
         ExitCode::from(130)
@@ -327,6 +333,9 @@ pub fn restore(a: RestoreArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, Run
         progress: std::io::stderr().is_terminal(),
         max_pixels: a.max_pixels,
         overlap: a.overlap,
+        stop: Some(pipeline::stop_on_signals().map_err(|e| {
+            RuntimeError::Usage(format!("cannot install the signal handlers: {e}"))
+        })?),
     };
     let r = pipeline::restore(&mut m, &opts, a.report.as_deref())?;
     finish(&r, a.report.as_deref(), "restored")

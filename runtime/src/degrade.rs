@@ -80,6 +80,7 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
         progress: false,
         max_pixels: images::DEFAULT_MAX_PIXELS,
         overlap: crate::pipeline::DEFAULT_OVERLAP,
+        stop: None,
     };
     let (jobs, planned) = crate::pipeline::plan(&plan_opts, None, &[])?;
     report.found = jobs.len();

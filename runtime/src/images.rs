@@ -92,7 +92,8 @@ pub fn load_limited(
         .into_decoder()
         .map_err(|e| format!("cannot decode: {e}"))?;
     let orientation = orientation_of(&mut dec);
-    let (w, h) = oriented(dec.dimensions(), orientation);
+    let stored = dec.dimensions();
+    let (w, h) = oriented(stored, orientation);
     let pixels = w as u64 * h as u64;
     if pixels > max_pixels {
         return Err(format!(
@@ -106,10 +107,11 @@ pub fn load_limited(
             ));
         }
     }
+    // The decoders check the stored (unrotated) size; the decoded buffer (at most 4 channels of
+    // 32-bit floats per pixel) is bounded by the pixel check above.
     let mut limits = image::Limits::default();
-    limits.max_image_width = Some(w.max(h));
-    limits.max_image_height = Some(w.max(h));
-    // The decoded buffer: at most 4 channels of 32-bit floats per pixel.
+    limits.max_image_width = Some(stored.0);
+    limits.max_image_height = Some(stored.1);
     limits.max_alloc = Some(pixels.saturating_mul(16).max(1 << 20));
     dec.set_limits(limits)
         .map_err(|e| format!("cannot decode: {e}"))?;

@@ -3,6 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use davi_runtime::cli;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -39,12 +40,6 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    // A reader that stops early (`davi verify | head -1`) ends the program as it ends `cat`,
-    // instead of a panic in print!: Rust starts with SIGPIPE ignored.
-    // SAFETY: setting a signal's disposition to its default before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -52,20 +47,18 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let Cli { ort_lib, cmd } = Cli::parse();
-    let result = match cmd {
-        Cmd::Restore(a) => {
-            // SIGINT, SIGTERM or SIGHUP: finish the images in flight, write the report, exit
-            // 130; a second signal exits at once (atomic writes leave nothing half-written).
-            let _ = ctrlc::set_handler(|| {
-                if davi_runtime::pipeline::request_stop() {
-                    std::process::exit(130);
-                }
-                eprintln!(
-                    "\ndavi: stopping after the images in flight (signal again to stop at once)"
-                );
-            });
-            cli::restore(a, ort_lib)
+    if !matches!(cmd, Cmd::Restore(_) | Cmd::Degrade(_)) {
+        // A reader that stops early (`davi verify | head -1`) ends a command that prints its
+        // results as it ends `cat`, instead of a panic in print! (Rust starts with SIGPIPE
+        // ignored). Not for restore and degrade: their report must still be written when the
+        // terminal they log to goes away.
+        // SAFETY: setting a signal's disposition to its default before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
+    }
+    let result = match cmd {
+        Cmd::Restore(a) => cli::restore(a, ort_lib),
         Cmd::Degrade(a) => cli::degrade(a, ort_lib),
         Cmd::Eval(a) => cli::eval(a),
         Cmd::Verify(a) => cli::verify(a, ort_lib),
@@ -74,7 +67,11 @@ fn main() -> ExitCode {
         Cmd::Cards(a) => cli::cards(a),
     };
     result.unwrap_or_else(|e| {
-        eprintln!("davi: error: {}", davi_runtime::one_line_chain(&e));
+        let _ = writeln!(
+            std::io::stderr(),
+            "davi: error: {}",
+            davi_runtime::one_line_chain(&e)
+        );
         ExitCode::from(2)
     })
 }

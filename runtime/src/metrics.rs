@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 /// One image's scores.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Score {
-    /// Relative path.
+    /// Relative path of the reference.
     pub path: String,
+    /// Relative path of the restored image it was scored against.
+    pub restored: String,
     /// PSNR in dB on [0, 1].
     pub psnr: f64,
     /// SSIM on [0, 1].
@@ -62,9 +64,16 @@ pub fn evaluate(
     let mut scores = Vec::new();
     let mut missing = Vec::new();
     let mut failed = Vec::new();
+    // References of one folder that share a stem (a.png, a.jpg) were restored under names that
+    // keep their extension (a.png.png, a.jpg.png): only those names are theirs.
+    let mut stems: std::collections::HashMap<PathBuf, usize> = Default::default();
+    for r in &refs {
+        *stems.entry(r.with_extension("")).or_default() += 1;
+    }
     for r in refs {
         let rel = r.strip_prefix(reference).unwrap_or(&r).to_path_buf();
-        let found = find_image(restored, &rel);
+        let clash = stems[&r.with_extension("")] > 1;
+        let found = find_image(restored, &rel, clash);
         let Some(out) = found else {
             missing.push(rel.display().to_string());
             continue;
@@ -72,6 +81,11 @@ pub fn evaluate(
         match score_pair(&r, &out, channels) {
             Ok((psnr, ssim)) => scores.push(Score {
                 path: rel.display().to_string(),
+                restored: out
+                    .strip_prefix(restored)
+                    .unwrap_or(&out)
+                    .display()
+                    .to_string(),
                 psnr,
                 ssim,
             }),
@@ -94,19 +108,25 @@ pub fn evaluate(
     })
 }
 
-/// The image `rel` of `dir`: under its own name, with an output format's extension instead of
-/// its own, or with one added to it (restore's names for inputs that differ only in their
-/// extension: `a.png.png`, `a.jpg.png`).
-fn find_image(dir: &Path, rel: &Path) -> Option<PathBuf> {
+/// The image `rel` of `dir`: under its own name or with an output format's extension instead of
+/// its own; when `clash` (another image of its folder shares its stem), only with an output
+/// format's extension added to its own, as restore names such inputs (`a.png.png`, `a.jpg.png`),
+/// so that `a.jpg` is never scored against `a.png`'s output.
+fn find_image(dir: &Path, rel: &Path, clash: bool) -> Option<PathBuf> {
     const EXT: [&str; 3] = ["png", "jpg", "webp"];
     let p = dir.join(rel);
+    if clash {
+        return EXT
+            .iter()
+            .map(|e| {
+                let mut q = p.clone().into_os_string();
+                q.push(format!(".{e}"));
+                PathBuf::from(q)
+            })
+            .find(|q| q.is_file());
+    }
     std::iter::once(p.clone())
         .chain(EXT.iter().map(|e| p.with_extension(e)))
-        .chain(EXT.iter().map(|e| {
-            let mut q = p.clone().into_os_string();
-            q.push(format!(".{e}"));
-            PathBuf::from(q)
-        }))
         .find(|q| q.is_file())
 }
 
@@ -275,8 +295,13 @@ pub fn sheet(
     for &(s, w, h, m) in &layout {
         let mut row = Vec::new();
         for d in &dirs {
-            let p = find_image(d, Path::new(&s.path))
-                .ok_or_else(|| RuntimeError::file(&d.join(&s.path), "not found"))?;
+            // The restored image scored; the measurement and reference under their own names.
+            let p = if *d == restored {
+                Some(restored.join(&s.restored))
+            } else {
+                find_image(d, Path::new(&s.path), false)
+            }
+            .ok_or_else(|| RuntimeError::file(&d.join(&s.path), "not found"))?;
             let img = to_rgb(&images::load(&p, 3, None).map_err(|e| RuntimeError::file(&p, e))?);
             let img =
                 image::imageops::resize(&img, w * m, h * m, image::imageops::FilterType::Nearest);
@@ -358,8 +383,8 @@ mod tests {
     }
 
     /// One unreadable restored image or one of the wrong size is a failure of that pair, named
-    /// with its reason; every other pair is scored. Restore's names for inputs that differ only
-    /// in their extension (a.png.png, a.jpg.png) are found.
+    /// with its reason; every other pair is scored. References that differ only in their
+    /// extension pair with restore's names for them (d.png.png, d.jpg.png) alone.
     #[test]
     fn a_bad_pair_is_reported_and_the_others_are_scored() {
         let t = tempfile::tempdir().unwrap();
@@ -367,14 +392,34 @@ mod tests {
         for (name, v) in [("a.png", 10), ("b.png", 20), ("c.png", 30)] {
             write(&rf, name, 16, 16, v);
         }
+        // d.jpg and d.png share a stem: restore wrote d.jpg.png and d.png.png; a stale d.png
+        // (an earlier run's) must pair with neither.
         write(&rf, "d.jpg", 16, 16, 40);
+        write(&rf, "d.png", 16, 16, 90);
         write(&re, "a.png", 16, 16, 12);
         std::fs::write(re.join("b.png"), b"").unwrap();
         write(&re, "c.png", 8, 8, 30);
         write(&re, "d.jpg.png", 16, 16, 40);
+        write(&re, "d.png.png", 16, 16, 90);
+        write(&re, "d.png", 16, 16, 200);
         let e = evaluate(&re, &rf, None).unwrap();
-        let scored: Vec<&str> = e.images.iter().map(|s| s.path.as_str()).collect();
-        assert_eq!(scored, ["a.png", "d.jpg"]);
+        let scored: Vec<(&str, &str)> = e
+            .images
+            .iter()
+            .map(|s| (s.path.as_str(), s.restored.as_str()))
+            .collect();
+        assert_eq!(
+            scored,
+            [
+                ("a.png", "a.png"),
+                ("d.jpg", "d.jpg.png"),
+                ("d.png", "d.png.png")
+            ]
+        );
+        assert!(
+            e.images[2].psnr > 40.0,
+            "d.png scored against the stale file"
+        );
         assert!(e.missing.is_empty());
         assert_eq!(e.failed.len(), 2);
         assert!(
@@ -407,10 +452,13 @@ mod tests {
         assert!(msg.contains("WebP") && msg.contains("18008x24"), "{msg}");
         assert!(!out.exists());
         let err = sheet(&e, &re, &rf, None, 8, &out).unwrap_err().to_string();
-        assert!(err.contains("wide.png"), "{err}");
+        assert!(err.contains("restored/wide.png"), "{err}");
         let err = sheet(&e, &re, &rf, Some(&rf), 8, &t.path().join("s.png"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("wide.png") && !err.contains("WebP"), "{err}");
+        assert!(
+            err.contains("restored/wide.png") && !err.contains("WebP"),
+            "{err}"
+        );
     }
 }

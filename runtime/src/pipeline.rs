@@ -16,8 +16,10 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
+use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,6 +36,9 @@ pub struct RestoreOptions {
     pub batch: usize,
     /// Seed of the bridge noise.
     pub seed: u64,
+    /// Set (by [`stop_on_signals`]) to stop after the images in flight: no other input starts,
+    /// and the report counts the rest as `not_done`. `None`: run to the end.
+    pub stop: Option<Arc<AtomicBool>>,
     /// Skip inputs whose outputs (with `samples`, every sample, `.std` and the mean) all exist.
     pub skip_existing: bool,
     /// Process only the inputs `k` with `k % n == i` (of the sorted list).
@@ -613,15 +618,33 @@ pub fn restore(
         .collect();
     if opts.skip_existing {
         let before = todo.len();
-        // Done only when every output of this run's naming exists: a run of fewer --samples,
-        // or a sample or .std deleted since, is redone (the mean is written last, after them).
+        // Done only when every output of this run's naming exists (the mean is written last,
+        // after them): more --samples, or a sample or .std deleted since, is redone. Outputs of
+        // a run with more samples than this one (their mean and .std are of more samples) are
+        // not this run's to resume: that input fails with the reason.
         let names = suffixes(opts.samples);
+        let beyond = format!(".sample{}", opts.samples.max(1));
+        let mut mixed = Vec::new();
         todo.retain(|&i| {
-            !names
-                .iter()
-                .all(|sfx| jobs[i].output(&opts.output, opts.format, sfx).exists())
+            let has = |sfx: &str| jobs[i].output(&opts.output, opts.format, sfx).exists();
+            if has(&beyond) {
+                mixed.push(i);
+                return false;
+            }
+            !names.iter().all(|sfx| has(sfx))
         });
-        report.skipped = before - todo.len();
+        let n_mixed = mixed.len();
+        for i in mixed {
+            failed.insert(
+                i,
+                format!(
+                    "{} exists: outputs of a run with more than --samples {}; restore into another folder, or with that run's --samples",
+                    paths::escape(&jobs[i].output(&opts.output, opts.format, &beyond)),
+                    opts.samples
+                ),
+            );
+        }
+        report.skipped = before - todo.len() - n_mixed;
     }
     // Rows per session run: a fixed batch of the graph wins (short runs are padded).
     let rows_per_run = model.fixed_batch.unwrap_or(opts.batch);
@@ -655,9 +678,22 @@ pub fn restore(
         .into_iter()
         .map(|(i, reason)| jobs[i].failure(reason))
         .collect();
-    report.not_done = report.found - (report.restored + report.skipped + report.failed.len());
-    report.interrupted = report.not_done > 0;
-    debug_assert!(report.not_done == 0 || stop_requested());
+    let accounted = report.restored + report.skipped + report.failed.len();
+    report.not_done = report.found.checked_sub(accounted).unwrap_or_else(|| {
+        unreachable!("{accounted} inputs accounted for of {} found", report.found)
+    });
+    report.interrupted = stopped(opts) && report.not_done > 0;
+    assert!(
+        report.not_done == 0 || report.interrupted,
+        "{} inputs neither restored, skipped nor failed without a stop",
+        report.not_done
+    );
+    if report.interrupted {
+        let _ = writeln!(
+            std::io::stderr(),
+            "davi: stopped by a signal after the images in flight (a second signal exits at once)"
+        );
+    }
     report.seconds = start.elapsed().as_secs_f64();
     report.session_seconds = session_seconds;
     report.rows = rows;
@@ -738,17 +774,35 @@ fn next_group(jobs: &[Job], todo: &[usize], start: usize, most: usize) -> usize 
     end
 }
 
-/// Set by [`request_stop`]: the decode stage starts no further input.
-static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Asks a running restore to stop after the images in flight (a signal handler calls it); the
-/// run then reports what was done and what was not. Returns whether a stop was already asked.
-pub fn request_stop() -> bool {
-    STOP.swap(true, std::sync::atomic::Ordering::SeqCst)
+/// A stop flag set by SIGINT, SIGTERM or SIGHUP, for [`RestoreOptions::stop`]; a second signal
+/// exits at once with 130 (atomic writes leave nothing half-written). A signal that was ignored
+/// when the program started (`nohup` ignores SIGHUP, a shell's background job SIGINT) stays
+/// ignored.
+pub fn stop_on_signals() -> std::io::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM, SIGHUP] {
+        if signal_ignored(sig) {
+            continue;
+        }
+        // The first signal sets the flag; one that finds it set exits.
+        signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&flag))?;
+        signal_hook::flag::register(sig, Arc::clone(&flag))?;
+    }
+    Ok(flag)
 }
 
-fn stop_requested() -> bool {
-    STOP.load(std::sync::atomic::Ordering::SeqCst)
+/// Whether `sig`'s disposition is "ignore".
+fn signal_ignored(sig: i32) -> bool {
+    // SAFETY: reads the current action into a zeroed struct; changes nothing.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(sig, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+fn stopped(opts: &RestoreOptions) -> bool {
+    opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
 }
 
 /// Stage 1: decodes the inputs `todo` on the rayon pool, cuts each into the tiles the model
@@ -794,7 +848,7 @@ fn decode_stage(
         tx.send(Chunk { rows, failed }).is_ok()
     };
     let mut start = 0;
-    while start < todo.len() && !stop_requested() {
+    'groups: while start < todo.len() && !stopped(opts) {
         let end = next_group(jobs, todo, start, (rows_per_run / k).max(1));
         let group = &todo[start..end];
         start = end;
@@ -811,6 +865,10 @@ fn decode_stage(
             })
             .collect();
         for (i, r) in decoded {
+            // Stopped: no further image starts (its decode is dropped; it counts as not done).
+            if stopped(opts) {
+                break 'groups;
+            }
             match r {
                 Err(reason) => fails.push((i, reason)),
                 Ok((m, grid)) => {

@@ -355,6 +355,41 @@ fn a_signal_stops_a_restore_with_a_report_and_it_resumes() {
     }
 }
 
+/// Under `nohup` (SIGHUP ignored), a hang-up does not stop a restore: the signal stays ignored.
+#[test]
+fn a_restore_under_nohup_survives_a_hangup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    write_images(&inp, 400, 32);
+    let out = tmp.path().join("out");
+    let child = std::process::Command::new("nohup")
+        .arg(bin("davi"))
+        .args(["restore", "--batch", "1", "--threads", "1", "-m"])
+        .arg(&model)
+        .arg("-i")
+        .arg(&inp)
+        .arg("-o")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while walk(&out).len() < 5 && t.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("restored 400 of 400"), "{err}");
+}
+
 /// A genuine parity file of `model`: K inputs and what ONNX Runtime computes for them.
 fn parity_file(model: &Path, out: &Path, nan_image: bool) {
     use ndarray::Array4;

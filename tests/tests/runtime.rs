@@ -200,6 +200,15 @@ fn samples_write_mean_and_std() {
     );
     let again = tree(&out);
     assert!(again.contains_key("img_001.sample3.png"));
+    // Fewer samples than the outputs hold (the mean and .std there are of 4): not this run's
+    // to resume; each input fails, naming the file and the way out, and nothing is written.
+    let (code, _, err) = restore(&model, &inp, &out, &["--samples", "2", "--skip-existing"]);
+    assert!(code == 1 && err.contains("2 failed"), "{err}");
+    assert!(
+        err.contains("img_000.sample2.png exists: outputs of a run with more than --samples 2"),
+        "{err}"
+    );
+    assert!(tree(&out) == again, "a refused resume wrote something");
     // Each sample is seeded by its own index: the first three are the same as before.
     for k in ["img_000.sample0.png", "img_001.sample2.png"] {
         assert!(again[k] == t[k], "{k} changed");

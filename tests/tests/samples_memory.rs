@@ -37,6 +37,7 @@ fn a_thousand_samples_take_the_memory_of_one_batch() {
         progress: false,
         max_pixels: davi_runtime::images::DEFAULT_MAX_PIXELS,
         overlap: davi_runtime::pipeline::DEFAULT_OVERLAP,
+        stop: None,
     };
     // Warm up at the same batch, so the session's arena is already at its size.
     let r = restore(&mut model, &opts(16, "warm"), None).unwrap();

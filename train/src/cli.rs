@@ -408,16 +408,21 @@ pub fn export(a: ExportArgs) -> Result<ExitCode> {
 
 /// `davi-train eval`.
 pub fn eval(a: EvalArgs) -> Result<ExitCode> {
+    let dps_zeta = match a.dps_zeta {
+        Some(z) => z,
+        None => {
+            let cfg = DaviConfig::from_file(&a.config)?;
+            let teacher = crate::tune::teacher_path(&cfg, a.teacher.as_deref())?;
+            tuned_zeta(a.card.as_deref(), &crate::tune::file_sha256(&teacher)?)?.unwrap_or(1.0)
+        }
+    };
     let args = crate::eval::EvalArgs {
         checkpoint: a.checkpoint,
         config: a.config,
         n: a.n,
         dps_steps: a.dps_steps,
         dps_n: a.dps_n,
-        dps_zeta: match a.dps_zeta {
-            Some(z) => z,
-            None => tuned_zeta(a.card.as_deref())?.unwrap_or(1.0),
-        },
+        dps_zeta,
         out: a.output.clone(),
         card: a.card,
         teacher: a.teacher,
@@ -435,8 +440,8 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The zeta a card's `dps_tuning` chose, if it has one.
-fn tuned_zeta(card: Option<&std::path::Path>) -> Result<Option<f64>> {
+/// The zeta a card's `dps_tuning` chose, if it has one, for the prior of SHA-256 `teacher`.
+fn tuned_zeta(card: Option<&std::path::Path>, teacher: &str) -> Result<Option<f64>> {
     let Some(p) = card.filter(|p| p.is_file()) else {
         return Ok(None);
     };
@@ -447,6 +452,11 @@ fn tuned_zeta(card: Option<&std::path::Path>) -> Result<Option<f64>> {
             "{}: its DPS sweep stopped after {} zetas; rerun `davi-train tune-dps --card` (it resumes) or give --dps-zeta",
             p.display(),
             t.sweep.len()
+        ),
+        Some(t) if t.teacher_sha256.as_deref().is_some_and(|s| s != teacher) => anyhow::bail!(
+            "{}: its DPS sweep ran with another prior (SHA-256 {}); rerun `davi-train tune-dps --card` or give --dps-zeta",
+            p.display(),
+            t.teacher_sha256.unwrap_or_default()
         ),
         t => Ok(t.map(|t| t.zeta)),
     }
@@ -761,14 +771,23 @@ mod tests {
             sweep: vec![(0.3, 20.0, 0.5)],
             zeta: 0.3,
             complete: false,
+            teacher_sha256: Some("aa".into()),
         };
         c.dps_tuning = Some(t.clone());
         std::fs::write(&card, serde_yaml::to_string(&c).unwrap()).unwrap();
-        let e = tuned_zeta(Some(&card)).unwrap_err().to_string();
+        let e = tuned_zeta(Some(&card), "aa").unwrap_err().to_string();
         assert!(e.contains("stopped after 1"), "{e}");
         t.complete = true;
+        c.dps_tuning = Some(t.clone());
+        std::fs::write(&card, serde_yaml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(tuned_zeta(Some(&card), "aa").unwrap(), Some(0.3));
+        // A sweep of another prior (one since retrained) is not used.
+        let e = tuned_zeta(Some(&card), "bb").unwrap_err().to_string();
+        assert!(e.contains("another prior"), "{e}");
+        // A card of before the prior was recorded: taken as it is.
+        t.teacher_sha256 = None;
         c.dps_tuning = Some(t);
         std::fs::write(&card, serde_yaml::to_string(&c).unwrap()).unwrap();
-        assert_eq!(tuned_zeta(Some(&card)).unwrap(), Some(0.3));
+        assert_eq!(tuned_zeta(Some(&card), "bb").unwrap(), Some(0.3));
     }
 }

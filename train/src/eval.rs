@@ -717,10 +717,11 @@ pub fn markdown(r: &Report) -> String {
     s
 }
 
-/// The card at `path` to add `cfg`'s scores to: the card as it is when it describes the same
-/// task and operator, a blank one when there is none or when it describes another (a model
-/// retrained on a changed operator: the old card's scores, DPS tuning and photographs no longer
-/// apply, and keeping them would put one operator's numbers beside another's).
+/// The card at `path` to add `cfg`'s scores to: the card as it is (its data described afresh)
+/// when it describes the same task and operator, a blank one when there is none or when it is
+/// this model's card of another operator (a model retrained on a changed operator: the old
+/// card's scores, DPS tuning and photographs no longer apply, and keeping them would put one
+/// operator's numbers beside another's). The card of another model is an error, not replaced.
 pub fn card_for(path: &Path, cfg: &DaviConfig) -> Result<ModelCard> {
     if !path.exists() {
         if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -734,7 +735,17 @@ pub fn card_for(path: &Path, cfg: &DaviConfig) -> Result<ModelCard> {
             .with_context(|| format!("{}: unreadable", path.display()))?,
     )
     .with_context(|| format!("{}: bad card", path.display()))?;
+    if card.name != cfg.name {
+        anyhow::bail!(
+            "{}: the card of {}, not of {}; give this model's card",
+            path.display(),
+            card.name,
+            cfg.name
+        );
+    }
     if &card.task == cfg.task()? {
+        let mut card = card;
+        card.data = blank_card(cfg)?.data;
         return Ok(card);
     }
     tracing::warn!(

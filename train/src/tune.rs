@@ -7,7 +7,7 @@ use crate::data::{open_config, Split};
 use crate::dps::{self, Dps};
 use crate::eval::mean_psnr_ssim;
 use crate::{checkpoint, config::train_config, davi::measure, TchBackend};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use davi_models::card::DpsTuning;
 use davi_models::schedule::Diffusion;
 use davi_models::{DaviConfig, Implicit};
@@ -43,15 +43,8 @@ pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
     let task = cfg.task()?.clone();
     let implicit = Implicit::new(&cfg)?;
     let diff = Diffusion::new(cfg.diffusion.schedule, cfg.diffusion.steps);
-    let teacher = match &args.teacher {
-        Some(t) => t.clone(),
-        None => PathBuf::from(
-            train_config(&cfg)?
-                .davi
-                .map(|d| d.teacher)
-                .unwrap_or_default(),
-        ),
-    };
+    let teacher = teacher_path(&cfg, args.teacher.as_deref())?;
+    let teacher_sha256 = Some(file_sha256(&teacher)?);
     let bt = checkpoint::load_backend(&teacher, &implicit.unet, args.device)?;
     let ds = open_config(&cfg, &args.config, Split::Train, true)?;
     let n = args.n.min(ds.len);
@@ -69,7 +62,15 @@ pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
     let done: Vec<(f64, f64, f64)> = match &args.card {
         // A sweep on another operator (the card of a model since retrained) is not reused.
         Some(card) if card.is_file() => match crate::eval::card_for(card, &cfg)?.dps_tuning {
-            Some(t) if t.split == split && t.n == n && t.steps == args.steps => t.sweep,
+            // Nor one of another prior (since retrained).
+            Some(t)
+                if t.split == split
+                    && t.n == n
+                    && t.steps == args.steps
+                    && t.teacher_sha256 == teacher_sha256 =>
+            {
+                t.sweep
+            }
             _ => Vec::new(),
         },
         _ => Vec::new(),
@@ -85,6 +86,7 @@ pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
                 zeta: best_of(sweep),
                 sweep: sweep.to_vec(),
                 complete,
+                teacher_sha256: teacher_sha256.clone(),
             };
             write_card(card, &cfg, &t)?;
         }
@@ -148,8 +150,32 @@ pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
         zeta: best_of(&sweep),
         sweep,
         complete: true,
+        teacher_sha256,
     };
     Ok(tuning)
+}
+
+/// DPS's prior: `teacher` when given, else the config's `train.davi.teacher`.
+pub fn teacher_path(cfg: &DaviConfig, teacher: Option<&Path>) -> Result<PathBuf> {
+    Ok(match teacher {
+        Some(t) => t.to_path_buf(),
+        None => PathBuf::from(
+            train_config(cfg)?
+                .davi
+                .map(|d| d.teacher)
+                .unwrap_or_default(),
+        ),
+    })
+}
+
+/// Hex SHA-256 of a file.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    std::io::copy(&mut f, &mut h).with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn best_of(sweep: &[(f64, f64, f64)]) -> f64 {

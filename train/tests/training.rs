@@ -773,7 +773,38 @@ fn dps_tuning_sweeps_validation_images_and_records_the_choice_in_the_card() {
     assert_eq!(resumed.sweep[1].0, 1.0);
     let c: davi_models::card::ModelCard =
         serde_yaml::from_str(&std::fs::read_to_string(&card).unwrap()).unwrap();
-    assert!(c.dps_tuning.unwrap().complete);
+    let recorded = c.dps_tuning.unwrap();
+    assert!(recorded.complete);
+    // The prior it ran with is recorded; a sweep of another prior (one since retrained) is not
+    // resumed: the marker does not come back.
+    let prior = root.join("models/zoo/fmnist32-prior/ema.safetensors");
+    assert_eq!(
+        recorded.teacher_sha256.as_deref(),
+        Some(davi_train::tune::file_sha256(&prior).unwrap().as_str())
+    );
+    let mut c: davi_models::card::ModelCard =
+        serde_yaml::from_str(&std::fs::read_to_string(&card).unwrap()).unwrap();
+    let mut other = recorded.clone();
+    other.sweep = vec![(0.01, 99.0, 0.5)];
+    other.complete = false;
+    other.teacher_sha256 = Some("0".repeat(64));
+    c.dps_tuning = Some(other);
+    std::fs::write(&card, serde_yaml::to_string(&c).unwrap()).unwrap();
+    let fresh = davi_train::tune::tune(&davi_train::tune::TuneArgs {
+        config: root.join("models/configs/fmnist32-sr4.yaml"),
+        teacher: Some(prior),
+        zetas: vec![0.01],
+        refine: false,
+        n: 2,
+        steps: 4,
+        device: Device::Cpu,
+        card: Some(card.clone()),
+    })
+    .unwrap();
+    assert_ne!(
+        fresh.sweep[0].1, 99.0,
+        "a sweep of another prior was resumed"
+    );
     assert!(davi_train::tune::tune(&davi_train::tune::TuneArgs {
         config: root.join("models/configs/fmnist32-sr4.yaml"),
         teacher: None,
@@ -952,6 +983,7 @@ fn a_card_of_another_operator_is_replaced_not_merged() {
         zeta: 0.3,
         sweep: vec![(0.3, 20.0, 0.7)],
         complete: true,
+        teacher_sha256: None,
     });
     std::fs::write(&path, serde_yaml::to_string(&card).unwrap()).unwrap();
     let kept = davi_train::eval::card_for(&path, &cfg).unwrap();
@@ -966,6 +998,15 @@ fn a_card_of_another_operator_is_replaced_not_merged() {
     let replaced = davi_train::eval::card_for(&path, &cfg).unwrap();
     assert_eq!(&replaced.task, cfg.task().unwrap());
     assert!(replaced.dps_tuning.is_none() && replaced.training_steps == 0);
+    // Another model's card (a mistyped --card) is an error naming both, and stays as it was.
+    let mut theirs = card.clone();
+    theirs.name = "fmnist32-sr4".into();
+    std::fs::write(&path, serde_yaml::to_string(&theirs).unwrap()).unwrap();
+    let e = format!("{:#}", davi_train::eval::card_for(&path, &cfg).unwrap_err());
+    assert!(
+        e.contains("the card of fmnist32-sr4, not of fmnist32-deblur"),
+        "{e}"
+    );
     // A card that is not YAML is an error naming the file.
     std::fs::write(&path, "name: [").unwrap();
     let e = format!("{:#}", davi_train::eval::card_for(&path, &cfg).unwrap_err());
