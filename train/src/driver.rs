@@ -117,6 +117,10 @@ pub fn drive(
     let mut last_plot = Instant::now();
     let (tx, rx) = crossbeam_channel::bounded::<Result<Vec<f32>>>(2);
     std::thread::scope(|scope| -> Result<bool> {
+        // Owned here, so that a return (a stop, an error) drops it and the loader blocked on a
+        // full channel sees the channel closed and ends; borrowed, the scope would wait on the
+        // loader forever after a Ctrl-C (the checkpoint written, the process hung).
+        let rx = rx;
         // Prefetch: the next batches are decoded while this one trains.
         let (seed, bs, total) = (sched.seed, sched.batch_size, sched.steps);
         scope.spawn(move || {

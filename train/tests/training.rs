@@ -229,6 +229,59 @@ fn killed_training_keeps_a_readable_checkpoint_and_resumes() {
     );
 }
 
+/// Ctrl-C (SIGINT) mid-run: a checkpoint at the step reached, and the process exits (it once
+/// hung after the checkpoint, its batch loader blocked on a full channel).
+#[test]
+fn interrupted_training_checkpoints_and_exits() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = prior_cfg(tmp.path(), 100_000);
+    let run = tmp.path().join("run");
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_davi-train"));
+    let args = [
+        "prior",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--run",
+        run.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    let child = std::process::Command::new(&bin)
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !run.join("state.json").exists() && t.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Exits on its own within a minute.
+    let mut child = child;
+    let t = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() && t.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let hung = child.try_wait().unwrap().is_none();
+    if hung {
+        child.kill().unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!hung, "still running 60 s after SIGINT");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("interrupt: writing a checkpoint"), "{err}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("state.json")).unwrap()).unwrap();
+    let step = state["step"].as_u64().unwrap();
+    assert!(step > 0 && step < 100_000, "{state}");
+}
+
 #[test]
 fn ikl_surrogate_puts_the_method_gradient_on_x_hat() {
     let _serial = serial();
