@@ -288,6 +288,20 @@ fn a_run_killed_at_any_moment_resumes_to_the_identical_tree() {
     }
 }
 
+/// Sends `signal` (`-TERM`, ...) to `child` once `out` holds `n` files; the process must still
+/// be there to receive it.
+fn signal_after_outputs(child: &std::process::Child, out: &Path, n: usize, signal: &str) {
+    let t = std::time::Instant::now();
+    while walk(out).len() < n && t.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let st = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {signal}");
+}
+
 /// SIGTERM (a scheduler's preemption) or SIGINT stops a restore cleanly: the images in flight
 /// are written, the summary and the report say what was not done, the exit code is 130, and a
 /// rerun with --skip-existing ends with the uninterrupted tree.
@@ -315,15 +329,7 @@ fn a_signal_stops_a_restore_with_a_report_and_it_resumes() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let t = std::time::Instant::now();
-        while walk(&part).len() < 5 && t.elapsed().as_secs() < 60 {
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        let st = std::process::Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        signal_after_outputs(&child, &part, 5, signal);
         let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(130), "{signal}: {err}");
@@ -375,15 +381,7 @@ fn a_restore_under_nohup_survives_a_hangup() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let t = std::time::Instant::now();
-    while walk(&out).len() < 5 && t.elapsed().as_secs() < 60 {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    let st = std::process::Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    signal_after_outputs(&child, &out, 5, "-HUP");
     let o = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(0), "{err}");

@@ -337,6 +337,17 @@ mod tests {
         );
     }
 
+    /// The exact noise prediction of the Gaussian prior `x0 ~ N(0, tau^2 I)` at step `t`.
+    fn gaussian_eps(d: &Diffusion, tau: f64, x: &Tensor, t: usize) -> Result<Tensor> {
+        let ab = d.alphas_cumprod[t];
+        Ok(x * ((1.0 - ab).sqrt() / (ab * tau * tau + 1.0 - ab)))
+    }
+
+    /// A tensor's values, flattened, as f64.
+    fn flat(t: &Tensor) -> Vec<f64> {
+        Vec::<f64>::try_from(t.flatten(0, -1).to_kind(Kind::Double)).unwrap()
+    }
+
     /// The official recurrence written per pixel, on plain floats, for an observed pixel
     /// (`s = 1`) or an unobserved one: what the spectral implementation must reproduce.
     fn scalar_reference(
@@ -392,10 +403,7 @@ mod tests {
     fn ddrm_colorizes_a_gaussian_prior_as_the_official_recurrence() {
         let tau = 0.25f64;
         let d = Diffusion::new(BetaSchedule::Linear, 1000);
-        let eps_fn = |x: &Tensor, t: usize| -> Result<Tensor> {
-            let ab = d.alphas_cumprod[t];
-            Ok(x * ((1.0 - ab).sqrt() / (ab * tau * tau + 1.0 - ab)))
-        };
+        let eps_fn = |x: &Tensor, t: usize| gaussian_eps(&d, tau, x, t);
         let (c, s, n) = (3usize, 8usize, 128i64);
         let op = Operator::Colorize;
         tch::manual_seed(1);
@@ -406,9 +414,6 @@ mod tests {
         assert_eq!(k, 64, "one observed component per pixel");
         let sv = svd.s.mean(Kind::Double).double_value(&[]);
         assert!((sv - 1.0 / 3f64.sqrt()).abs() < 1e-5, "singular value {sv}");
-        let flat = |t: &Tensor| -> Vec<f64> {
-            Vec::<f64>::try_from(t.flatten(0, -1).to_kind(Kind::Double)).unwrap()
-        };
         for sigma_0 in [0.05, 0.2] {
             let y = op.forward(&b, &x0, c, s)
                 + Tensor::randn([n, 1, 8, 8], (Kind::Float, Device::Cpu)) * sigma_0;
@@ -477,17 +482,11 @@ mod tests {
     fn ddrm_follows_the_official_recurrence_on_a_gaussian_prior() {
         let tau = 0.25f64;
         let d = Diffusion::new(BetaSchedule::Linear, 1000);
-        let eps_fn = |x: &Tensor, t: usize| -> Result<Tensor> {
-            let ab = d.alphas_cumprod[t];
-            Ok(x * ((1.0 - ab).sqrt() / (ab * tau * tau + 1.0 - ab)))
-        };
+        let eps_fn = |x: &Tensor, t: usize| gaussian_eps(&d, tau, x, t);
         let (c, s, n) = (1usize, 8usize, 256i64);
         tch::manual_seed(1);
         let x0 = Tensor::randn([n, 1, 8, 8], (Kind::Float, Device::Cpu)) * tau;
         let b = TchBackend::new(Default::default(), Device::Cpu);
-        let flat = |t: &Tensor| -> Vec<f64> {
-            Vec::<f64>::try_from(t.flatten(0, -1).to_kind(Kind::Double)).unwrap()
-        };
         for (op, sigma_0) in [
             (Operator::Denoise, 0.2),
             (Operator::Inpaint { box_size: 4 }, 0.2),
