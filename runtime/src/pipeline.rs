@@ -41,7 +41,7 @@ pub struct RestoreOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// Skip inputs whose outputs (with `samples`, every sample, `.std` and the mean) all exist.
     pub skip_existing: bool,
-    /// Process only the inputs `k` with `k % n == i` (of the sorted list).
+    /// Process only the inputs of shard `i` of `n` ([`shard_of`] their relative path).
     pub shard: Option<(usize, usize)>,
     /// Posterior samples per image (> 1 also writes their mean and standard deviation).
     pub samples: usize,
@@ -462,15 +462,15 @@ fn check_no_input_replaced(
 /// so files that arrive while an array job runs, or a listing that differs between machines,
 /// move no other file to another shard.
 pub fn shard_of(rel: &Path, n: usize) -> usize {
-    use std::os::unix::ffi::OsStrExt;
     let h = Sha256::digest(rel.as_os_str().as_bytes());
     let v = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
     (v % n as u64) as usize
 }
 
 /// The inputs of `opts` (sorted, sharded) with their output names, and a report that counts the
-/// other files ignored (and names an output folder inside the input folder, not walked). Refuses (a usage error, before anything is written) a run whose outputs would replace
-/// an input or `report_path`.
+/// other files ignored (and names an output folder inside the input folder, not walked). Refuses
+/// (a usage error, before anything is written) a run whose outputs would replace an input or
+/// `report_path`.
 ///
 /// Naming: outputs mirror the input's relative path with the input's stem (`a.png` ->
 /// `a.png`, `a.sample0.png`, ...). When two inputs of one folder would write the same output
