@@ -161,13 +161,23 @@ fn resumed_run_equals_uninterrupted_run() {
     assert_eq!(steps, vec!["4", "6"], "{rows}");
 }
 
+/// `davi-train prior --config cfg --run run --device cpu`, as a command to spawn.
+fn prior_command(cfg: &Path, run: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_davi-train"));
+    c.args(["prior", "--config"])
+        .arg(cfg)
+        .arg("--run")
+        .arg(run)
+        .args(["--device", "cpu"]);
+    c
+}
+
 #[test]
 fn killed_training_keeps_a_readable_checkpoint_and_resumes() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = prior_cfg(tmp.path(), 400);
     let run = tmp.path().join("run");
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_davi-train"));
     let step_of = |run: &Path| -> usize {
         std::fs::read_to_string(run.join("state.json"))
             .ok()
@@ -177,16 +187,7 @@ fn killed_training_keeps_a_readable_checkpoint_and_resumes() {
     };
     for delay_ms in [0u64, 97, 211] {
         let before = step_of(&run);
-        let mut child = std::process::Command::new(&bin)
-            .args([
-                "prior",
-                "--config",
-                cfg.to_str().unwrap(),
-                "--run",
-                run.to_str().unwrap(),
-                "--device",
-                "cpu",
-            ])
+        let mut child = prior_command(&cfg, &run)
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
@@ -206,18 +207,8 @@ fn killed_training_keeps_a_readable_checkpoint_and_resumes() {
         let t = checkpoint::load_tensors(&ck, Device::Cpu).unwrap();
         assert!(t.keys().any(|k| k.starts_with("ema.")));
     }
-    let out = std::process::Command::new(&bin)
-        .args([
-            "prior",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--run",
-            run.to_str().unwrap(),
-            "--device",
-            "cpu",
-            "--steps",
-            "0",
-        ])
+    let out = prior_command(&cfg, &run)
+        .args(["--steps", "0"])
         .output()
         .unwrap();
     // --steps 0 on a run past step 0: nothing to train, but the resume path (state, checkpoint,
@@ -237,18 +228,7 @@ fn interrupted_training_checkpoints_and_exits() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = prior_cfg(tmp.path(), 100_000);
     let run = tmp.path().join("run");
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_davi-train"));
-    let args = [
-        "prior",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--run",
-        run.to_str().unwrap(),
-        "--device",
-        "cpu",
-    ];
-    let child = std::process::Command::new(&bin)
-        .args(args)
+    let child = prior_command(&cfg, &run)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
