@@ -38,6 +38,9 @@ pub fn one_line(s: &str) -> String {
         .collect()
 }
 
+/// The name the output folder's write check is a temporary of.
+const WRITE_CHECK: &str = "davi-write-check";
+
 /// Creates the output folder `dir` and makes sure a file can be written in it, before any work:
 /// an output path that is a file, or a folder this user cannot write in, is found out once, not
 /// once per image after every image was run through the model.
@@ -49,8 +52,20 @@ pub fn prepare_output_dir(dir: &Path) -> Result<(), crate::RuntimeError> {
         )));
     }
     std::fs::create_dir_all(dir).map_err(|e| crate::RuntimeError::io(dir, e))?;
+    // Named as every temporary (`.NAME.XXXXXX.HOST.PID.tmp`), so the one a kill left behind
+    // here is known by its dead writer and removed by the next run.
+    remove_stale_temporaries([dir], |_, name| name == WRITE_CHECK);
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(WRITE_CHECK);
+    prefix.push(".");
     tempfile::Builder::new()
-        .prefix(".davi-write-check")
+        .prefix(&prefix)
+        .suffix(&format!(
+            ".{}.{}.tmp",
+            davi_models::atomic::host(),
+            std::process::id()
+        ))
+        .rand_bytes(6)
         .tempfile_in(dir)
         .map_err(|e| {
             crate::RuntimeError::Usage(format!("output {}: cannot write in it: {e}", escape(dir)))
@@ -215,6 +230,32 @@ mod tests {
             canonical_dir(&tmp.path().join("missing/./new")),
             tmp.path().canonicalize().unwrap().join("missing/new")
         );
+    }
+
+    #[test]
+    fn the_write_check_a_kill_left_behind_goes_with_the_next_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let host = davi_models::atomic::host();
+        // A writer that has exited, and one that still runs (this process).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = tmp
+            .path()
+            .join(format!(".{WRITE_CHECK}.aB3dE6.{host}.{dead}.tmp"));
+        let live = tmp.path().join(format!(
+            ".{WRITE_CHECK}.xY7zW1.{host}.{}.tmp",
+            std::process::id()
+        ));
+        let other = tmp.path().join(format!(".a.png.aB3dE6.{host}.{dead}.tmp"));
+        for f in [&stale, &live, &other] {
+            std::fs::write(f, b"").unwrap();
+        }
+        prepare_output_dir(tmp.path()).unwrap();
+        assert!(!stale.exists());
+        // A live writer's check, and temporaries of other files, are not this check's to remove.
+        assert!(live.exists() && other.exists());
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2);
     }
 
     #[test]

@@ -277,13 +277,13 @@ impl Trainer {
         let gan_on = self.gan.as_ref().is_some_and(|g| step >= g.cfg.start);
         if let (Some(gan), true) = (&self.gan, gan_on) {
             // The generator's term (hinge, plus feature matching when asked), weighted by the
-            // ratio of gradient norms at the last layer against the total or the weighted
-            // ground-truth term, clipped.
+            // ratio of gradient norms at the last layer against the total or the ground-truth
+            // term (before reg_coeff, as the official code), clipped.
             let gen = gan.generator_term(&x_hat, x0);
             let last = &self.phi.tensors["out.2.weight"];
             let base = match gan.cfg.adaptive_from {
                 AdaptiveFrom::Total => total.shallow_clone(),
-                AdaptiveFrom::GroundTruth => &reg * hp.reg_coeff,
+                AdaptiveFrom::GroundTruth => reg.shallow_clone(),
             };
             gan_w =
                 adaptive_weight_clipped(&base, &gen, last, gan.cfg.weight_clip) * gan.cfg.weight;

@@ -21,14 +21,19 @@ pub struct GanConfig {
     pub ndf: usize,
     /// Step at which the discriminator and the generator term start (VQGAN's `disc_start`).
     pub start: usize,
-    /// Adam learning rate of the discriminator (betas 0.5, 0.9); 0: that of `I_phi`.
+    /// Learning rate of the discriminator's AdamW; 0: that of `I_phi`.
     pub lr: f64,
+    /// Its AdamW betas: pix2pix's (0.5, 0.9) by default; the official DAVI code keeps PyTorch's
+    /// (0.9, 0.999).
+    pub betas: (f64, f64),
+    /// Its decoupled weight decay: 0 by default; PyTorch's AdamW default 0.01 officially.
+    pub weight_decay: f64,
     /// Weight of the feature-matching term added to the generator's hinge term: the L1 distance
     /// between the discriminator's intermediate activations on `x_hat` and on `x0` (0: off).
     pub feature_matching: f64,
     /// What the adaptive weight balances the generator term against: `total` (VQGAN's
-    /// reconstruction, here the whole DAVI loss) or `ground_truth` (the weighted ground-truth
-    /// term, as the official DAVI code does).
+    /// reconstruction, here the whole DAVI loss) or `ground_truth` (the ground-truth term before
+    /// `reg_coeff`, as the official DAVI code does).
     pub adaptive_from: AdaptiveFrom,
     /// Clip of the adaptive weight's ratio before `weight` scales it (official: [0.01, 10]).
     pub weight_clip: (f64, f64),
@@ -40,7 +45,7 @@ pub struct GanConfig {
 pub enum AdaptiveFrom {
     /// The whole `I_phi` loss.
     Total,
-    /// The weighted ground-truth term.
+    /// The ground-truth term before `reg_coeff` (the official code's `gt_consistency_loss`).
     GroundTruth,
 }
 
@@ -52,6 +57,8 @@ impl Default for GanConfig {
             ndf: 64,
             start: 0,
             lr: 0.0,
+            betas: (0.5, 0.9),
+            weight_decay: 0.0,
             feature_matching: 0.0,
             adaptive_from: AdaptiveFrom::Total,
             weight_clip: (0.0, 1e4),
@@ -145,8 +152,12 @@ impl PatchGan {
             }
         }
         let params = ParamSet::from_tensors(tensors.iter());
-        let mut opt = AdamW::new(&params, if cfg.lr > 0.0 { cfg.lr } else { lr }, 0.0);
-        opt.betas = (0.5, 0.9);
+        let mut opt = AdamW::new(
+            &params,
+            if cfg.lr > 0.0 { cfg.lr } else { lr },
+            cfg.weight_decay,
+        );
+        opt.betas = cfg.betas;
         Ok(Self {
             cfg,
             params,

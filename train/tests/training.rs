@@ -341,8 +341,9 @@ fn bridge_gives_x0_at_zero_and_the_lift_at_t_minus_one() {
 fn trainer(cfg: &DaviConfig, hp: davi_train::config::DaviTrain) -> davi_train::davi::Trainer {
     let unet = UNetModel::new(&cfg.unet).unwrap();
     let teacher = ParamSet::init(&unet, 3, Device::Cpu);
-    let teacher: std::collections::HashMap<String, Tensor> = teacher
-        .frozen()
+    // In name order, so the same global seed gives the same teacher.
+    let sorted: std::collections::BTreeMap<String, Tensor> = teacher.frozen().into_iter().collect();
+    let teacher: std::collections::HashMap<String, Tensor> = sorted
         .into_iter()
         .map(|(k, v)| {
             if k.starts_with("out.2.") {
@@ -957,6 +958,41 @@ fn the_official_gan_form_adds_feature_matching_and_clips_the_weight_against_the_
             t.gan_w
         );
     }
+}
+
+#[test]
+fn the_official_adaptive_weight_ignores_reg_coeff_and_the_official_optimizer_is_read() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = davi_cfg(tmp.path(), "{task: deblur, kernel_size: 5, sigma: 1.0}");
+    let gan: davi_train::gan::GanConfig = serde_yaml::from_str(
+        "{weight: 1.0, layers: 2, ndf: 16, feature_matching: 1.0, adaptive_from: ground_truth, \
+          weight_clip: [0.0, 10000.0], betas: [0.9, 0.999], weight_decay: 0.01}",
+    )
+    .unwrap();
+    // The first step's weight: the same x_hat and terms whatever reg_coeff, so a weight taken
+    // against the ground-truth term before reg_coeff (the official gt_consistency_loss) is the
+    // same, where one against the weighted term would scale with 1 / reg_coeff.
+    let first_weight = |reg_coeff: f64| {
+        let hp = davi_train::config::DaviTrain {
+            batch_size: 8,
+            lr: 1e-3,
+            t_ikl: 400,
+            reg_coeff,
+            gan: Some(gan.clone()),
+            ..Default::default()
+        };
+        tch::manual_seed(3);
+        let mut tr = trainer(&cfg, hp);
+        let opt = &tr.gan.as_ref().unwrap().opt;
+        assert_eq!((opt.betas, opt.weight_decay), ((0.9, 0.999), 0.01));
+        tch::manual_seed(5);
+        let x0 = binary_images(8);
+        tr.step(&x0, 0).unwrap().gan_w
+    };
+    let (a, b) = (first_weight(0.25), first_weight(1.0));
+    assert!(a > 0.0 && a < 1e4, "weight {a} at a clip bound");
+    assert!((a - b).abs() <= 1e-6 * a, "{a} vs {b}");
 }
 
 #[test]
