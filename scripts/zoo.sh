@@ -10,7 +10,7 @@
 #   5. `davi-train eval` into the card: DAVI and the lifted measurement on EVAL_N test images,
 #      DDRM (20 steps) on the same, the supervised control on the same measurements and noise, DPS
 #      with the tuned step on the first DPS_N, every method also on those (paired), FID/KID on the
-#      Fashion-MNIST classifier's features; and for photo models the whole held-out photographs
+#      Fashion-MNIST classifier's features, the spread of 8 DAVI posterior samples of 64 of them; and for photo models the whole held-out photographs
 #      restored tile by tile (scripts/photo-eval.sh).
 # Every training resumes from its run folder, so the script can be stopped and rerun.
 #   DEVICE=auto|cpu|cuda   where to train (default auto)
@@ -76,7 +76,7 @@ if stage eval; then
     fi
     # The weights as shipped (fp16, read back from model.onnx); the run gives steps and time.
     $BIN/davi-train eval --checkpoint "$dir/model.onnx" --config "models/configs/$name.yaml" \
-      "${extra[@]}" -n "${EVAL_N:-1000}" --dps-steps "${DPS_STEPS:-1000}" --dps-n "${DPS_N:-64}" \
+      "${extra[@]}" -n "${EVAL_N:-1000}" --dps-steps "${DPS_STEPS:-1000}" --dps-n "${DPS_N:-64}" --samples 8 \
       --device "$DEVICE" -o "$RUNS/$name/eval" --card "$dir/card.yaml" --trained-in "$RUNS/$name"
     cp "$RUNS/$name/eval/sheet.png" "$dir/sheet.png"
     case $name in photo32-*) BIN=$BIN scripts/photo-eval.sh "$name" "$RUNS/$name/photo-eval" ;; esac

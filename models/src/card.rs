@@ -246,6 +246,24 @@ pub struct EvalTable {
     /// The supervised control (same network, plain MSE), when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervised: Option<EvalRow>,
+    /// The spread of DAVI's posterior samples, when drawn (`davi-train eval --samples K`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples: Option<SampleSpread>,
+}
+
+/// K posterior samples of the same measurements: how much they differ, and how well each fits y.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SampleSpread {
+    /// Samples per measurement.
+    pub k: usize,
+    /// Measurements (the first of the test images).
+    pub n: usize,
+    /// Mean over pixels of the per-pixel standard deviation across samples, on [0, 1].
+    pub spread: f64,
+    /// Mean of `mean((y - H x_k)^2)` over the samples (on [-1, 1]).
+    pub consistency_samples: f64,
+    /// The same for the true images: the noise floor, about `sigma_y^2`.
+    pub consistency_truth: f64,
 }
 
 impl EvalTable {
@@ -395,24 +413,26 @@ pub fn cards_markdown(cards: &[ModelCard]) -> String {
          |---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     // `n` of a row, else (older cards) the table's for every method but DPS.
-    let mut line = |name: &str, what: String, r: &EvalRow, n: Option<usize>| {
-        let perceptual = [
-            r.fid.map(|f| format!("FID {f:.2}")),
-            r.kid.map(|k| format!("KID {k:.4}")),
-        ]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join(", ");
-        s += &format!(
-            "| {name} | {what} | {} | {} | {} | {perceptual} | {} | {:.4} |\n",
-            r.n.or(n).map_or("?".into(), |n| n.to_string()),
-            pm(r.psnr, r.psnr_ci95, 2),
-            pm(r.ssim, r.ssim_ci95, 4),
-            r.nfe,
-            r.seconds_per_image
-        );
-    };
+    let mut line =
+        |name: &str, what: String, r: &EvalRow, n: Option<usize>, spread: Option<&SampleSpread>| {
+            let perceptual = [
+                r.fid.map(|f| format!("FID {f:.2}")),
+                r.kid.map(|k| format!("KID {k:.4}")),
+                spread.map(|k| format!("spread of {} samples {:.4} (n {})", k.k, k.spread, k.n)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ");
+            s += &format!(
+                "| {name} | {what} | {} | {} | {} | {perceptual} | {} | {:.4} |\n",
+                r.n.or(n).map_or("?".into(), |n| n.to_string()),
+                pm(r.psnr, r.psnr_ci95, 2),
+                pm(r.ssim, r.ssim_ci95, 4),
+                r.nfe,
+                r.seconds_per_image
+            );
+        };
     for c in cards {
         let Some(e) = &c.eval else { continue };
         let zeta = |m: &str| match (m, e.dps_zeta) {
@@ -423,7 +443,8 @@ pub fn cards_markdown(cards: &[ModelCard]) -> String {
             // A DPS that did not run (NaN scores) has no row.
             if let Some(r) = e.row(m).filter(|r| r.psnr.is_finite()) {
                 let n = (m != "dps").then_some(e.n);
-                line(&c.name, format!("{}{}", label(m), zeta(m)), r, n);
+                let spread = e.samples.as_ref().filter(|_| m == "davi");
+                line(&c.name, format!("{}{}", label(m), zeta(m)), r, n, spread);
             }
         }
         if let Some(p) = &e.paired {
@@ -434,6 +455,7 @@ pub fn cards_markdown(cards: &[ModelCard]) -> String {
                         format!("paired: {}{}", label(m), zeta(m)),
                         r,
                         Some(p.n),
+                        None,
                     );
                 }
             }
@@ -561,6 +583,13 @@ mod tests {
                 }),
                 ddrm: Some(row(Some(1000), 30.4)),
                 supervised: None,
+                samples: Some(SampleSpread {
+                    k: 8,
+                    n: 64,
+                    spread: 0.0163,
+                    consistency_samples: 0.0027,
+                    consistency_truth: 0.0019,
+                }),
             }),
             dps_tuning: Some(DpsTuning {
                 split: "validation".into(),
@@ -598,9 +627,13 @@ mod tests {
         // A DPS that did not run has no row; DDRM and the paired rows do, with n and intervals.
         assert!(!md.contains("| m | DPS |"), "{md}");
         assert!(
-            md.contains("| m | **DAVI** | 1000 | 27.50 ± 0.25 | 0.5000 |  | 1 | 0.0100 |"),
+            md.contains(
+                "| m | **DAVI** | 1000 | 27.50 ± 0.25 | 0.5000 | spread of 8 samples 0.0163 (n 64) | 1 | 0.0100 |"
+            ),
             "{md}"
         );
+        // The spread is DAVI's, on its own row only.
+        assert_eq!(md.matches("spread of").count(), 1, "{md}");
         assert!(md.contains("| m | DDRM | 1000 | 30.40 ± 0.25 |"), "{md}");
         assert!(
             md.contains("| m | paired: DPS | 16 | 28.00 ± 0.25 | 0.5000 | KID 0.0123 |"),

@@ -99,20 +99,7 @@ impl MethodScores {
     }
 }
 
-/// K posterior samples of the same measurements: how much they differ, and how well each fits y.
-#[derive(Debug, Clone, Serialize)]
-pub struct SampleSpread {
-    /// Samples per measurement.
-    pub k: usize,
-    /// Measurements.
-    pub n: usize,
-    /// Mean over pixels of the per-pixel standard deviation across samples, on [0, 1].
-    pub spread: f64,
-    /// Mean of `mean((y - H x_k)^2)` over the samples (on [-1, 1]).
-    pub consistency_samples: f64,
-    /// The same for the true images: the noise floor, about `sigma_y^2`.
-    pub consistency_truth: f64,
-}
+pub use davi_models::card::SampleSpread;
 
 /// The evaluation report.
 #[derive(Debug, Clone, Serialize)]
@@ -842,6 +829,7 @@ fn update_card(path: &Path, run_dir: &Path, cfg: &DaviConfig, r: &Report) -> Res
             ddrm: (p.ddrm.n > 0).then(|| row(&p.ddrm)),
             supervised: (p.supervised.n > 0).then(|| row(&p.supervised)),
         }),
+        samples: r.samples.clone(),
     });
     write_atomic(path, serde_yaml::to_string(&card)?.as_bytes())
 }

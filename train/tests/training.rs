@@ -656,7 +656,7 @@ fn eval_scores_every_method_on_the_same_images_and_writes_them_to_the_card() {
         teacher: Some(root.join("models/zoo/fmnist32-prior/ema.safetensors")),
         device: Device::Cpu,
         batch: 4,
-        samples: 0,
+        samples: 2,
         features: Some(root.join("models/zoo/fmnist-classifier/weights.safetensors")),
         ddrm_steps: 4,
         // The model itself as the "control": same measurements and noise give the same scores.
@@ -717,6 +717,10 @@ fn eval_scores_every_method_on_the_same_images_and_writes_them_to_the_card() {
     assert_eq!(e.ddrm.as_ref().map(|d| d.nfe), Some(4));
     assert_eq!(paired.ddrm.and_then(|d| d.n), Some(3));
     assert!(e.supervised.is_some() && paired.supervised.is_some());
+    // The spread of DAVI's posterior samples beside its scores: 2 samples of each of the 8.
+    let k = e.samples.expect("the spread in the card");
+    assert_eq!((k.k, k.n), (2, 8));
+    assert!(k.spread > 0.0 && k.spread.is_finite(), "{k:?}");
 }
 
 #[test]
