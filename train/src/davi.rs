@@ -114,6 +114,22 @@ pub struct Trainer {
 
 pub use crate::losses::measure;
 
+/// The name of the last ResBlock's final convolution among `params` (the official code's
+/// `output_blocks[-1][0].out_layers[-1].weight`), when there is one.
+pub fn last_resblock_conv(params: &ParamSet) -> Option<String> {
+    params
+        .tensors
+        .keys()
+        .filter_map(|k| {
+            let i = k
+                .strip_prefix("output_blocks.")?
+                .strip_suffix(".0.out_layers.3.weight")?;
+            i.parse::<usize>().ok().map(|i| (i, k.clone()))
+        })
+        .max()
+        .map(|(_, k)| k)
+}
+
 impl Trainer {
     /// Teacher, `s_psi` and `phi` all start from the prior's weights.
     pub fn new(
@@ -129,6 +145,16 @@ impl Trainer {
         let opt_psi = AdamW::new(&aux_score, hp.lr, hp.weight_decay);
         let opt_phi = AdamW::new(&phi, hp.lr, hp.weight_decay);
         let ema = Ema::new(&phi, hp.ema);
+        if let Some(g) = &hp.gan {
+            if !phi.tensors.contains_key(&g.adaptive_layer) {
+                bail!(
+                    "gan.adaptive_layer: I_phi has no weight {:?} (the last ResBlock's final \
+                     convolution of this network is {:?})",
+                    g.adaptive_layer,
+                    last_resblock_conv(&phi)
+                );
+            }
+        }
         let gan = match &hp.gan {
             Some(g) => Some(PatchGan::new(
                 cfg.unet.in_channels,
@@ -249,6 +275,13 @@ impl Trainer {
         bpsi.backward_checkpoints()?;
         self.aux_score.clip_grad_norm(hp.grad_clip);
         self.opt_psi.step(&mut self.aux_score);
+        // The discriminator learns on the same gradient-free samples, before I_phi's update (as
+        // the official code: its generator term below then meets this step's discriminator).
+        let gan_on = self.gan.as_ref().is_some_and(|g| step >= g.cfg.start);
+        let gan_d = match (&mut self.gan, gan_on) {
+            (Some(gan), true) => gan.step(x0, &x_hat),
+            _ => 0.0,
+        };
 
         // 2. phi: IKL surrogate + data consistency + ground-truth term.
         let a = draw_a(&mut rng);
@@ -274,13 +307,12 @@ impl Trainer {
         let reg = losses::ground_truth(&op, &cb, x0, &x_hat, c, s);
         let mut total = &ikl + &con * hp.weight_con + &reg * hp.reg_coeff;
         let (mut gan_g, mut gan_w) = (0.0, 0.0);
-        let gan_on = self.gan.as_ref().is_some_and(|g| step >= g.cfg.start);
         if let (Some(gan), true) = (&self.gan, gan_on) {
             // The generator's term (hinge, plus feature matching when asked), weighted by the
             // ratio of gradient norms at the last layer against the total or the ground-truth
             // term (before reg_coeff, as the official code), clipped.
             let gen = gan.generator_term(&x_hat, x0);
-            let last = &self.phi.tensors["out.2.weight"];
+            let last = &self.phi.tensors[&gan.cfg.adaptive_layer];
             let base = match gan.cfg.adaptive_from {
                 AdaptiveFrom::Total => total.shallow_clone(),
                 AdaptiveFrom::GroundTruth => reg.shallow_clone(),
@@ -297,10 +329,6 @@ impl Trainer {
         self.phi.clip_grad_norm(hp.grad_clip);
         self.opt_phi.step(&mut self.phi);
         self.ema.update(&self.phi, step + 1);
-        let gan_d = match (&mut self.gan, gan_on) {
-            (Some(gan), true) => gan.step(x0, &x_hat),
-            _ => 0.0,
-        };
         Ok(Terms {
             ikl: ikl.double_value(&[]),
             con: con.double_value(&[]),

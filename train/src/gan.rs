@@ -37,6 +37,13 @@ pub struct GanConfig {
     pub adaptive_from: AdaptiveFrom,
     /// Clip of the adaptive weight's ratio before `weight` scales it (official: [0.01, 10]).
     pub weight_clip: (f64, f64),
+    /// Zero padding of every 4x4 convolution: pix2pix's 1 by default; 2 in the official DAVI
+    /// code (pix2pixHD's, which keeps 7x7 patches at 32 px where 1 keeps 2x2).
+    pub padding: usize,
+    /// The `I_phi` weight at which the adaptive weight compares gradient norms: VQGAN's last
+    /// layer (`out.2.weight`) by default; the official DAVI code takes the last ResBlock's
+    /// final convolution (`output_blocks.{last}.0.out_layers.3.weight`).
+    pub adaptive_layer: String,
 }
 
 /// The loss the adaptive weight compares the generator term with.
@@ -62,6 +69,8 @@ impl Default for GanConfig {
             feature_matching: 0.0,
             adaptive_from: AdaptiveFrom::Total,
             weight_clip: (0.0, 1e4),
+            padding: 1,
+            adaptive_layer: "out.2.weight".into(),
         }
     }
 }
@@ -78,6 +87,17 @@ pub struct PatchGan {
     /// Adam (no weight decay) with betas (0.5, 0.9).
     pub opt: AdamW,
     layers: Vec<Layer>,
+}
+
+/// The side of the discriminator's patch grid on `size` px images: `layers` stride-2 4x4
+/// convolutions, then two stride-1 ones, each padded by `padding`.
+fn patch_side(size: usize, layers: usize, padding: usize) -> i64 {
+    let conv = |n: i64, stride: i64| (n + 2 * padding as i64 - 4).div_euclid(stride) + 1;
+    let mut n = size as i64;
+    for _ in 0..layers {
+        n = conv(n, 2);
+    }
+    conv(conv(n, 1), 1)
 }
 
 fn layout(c: usize, cfg: &GanConfig) -> Vec<Layer> {
@@ -121,12 +141,15 @@ impl PatchGan {
         if cfg.layers == 0 || cfg.ndf == 0 {
             bail!("gan: layers and ndf must be positive");
         }
-        // `layers` stride-2 convs halve the side; the two stride-1 4x4 convs take 1 each.
-        if (size >> cfg.layers) < 3 {
+        if patch_side(size, cfg.layers, cfg.padding) < 1 {
+            let most = (1..cfg.layers)
+                .rev()
+                .find(|&l| patch_side(size, l, cfg.padding) >= 1)
+                .unwrap_or(0);
             bail!(
-                "gan: {} layers are too deep for {size} px images (patches would vanish); use at most {}",
+                "gan: {} layers are too deep for {size} px images with padding {} (patches would vanish); use at most {most}",
                 cfg.layers,
-                (size / 3).max(1).ilog2()
+                cfg.padding
             );
         }
         tch::manual_seed(seed);
@@ -224,7 +247,7 @@ impl PatchGan {
                 &p[&format!("{name}.weight")],
                 b,
                 [*stride, *stride],
-                [1, 1],
+                [self.cfg.padding as i64; 2],
                 [1, 1],
                 1,
             );

@@ -339,6 +339,11 @@ fn bridge_gives_x0_at_zero_and_the_lift_at_t_minus_one() {
 /// A DAVI trainer on a random teacher whose output conv is not zero, so `I_phi` starts away from
 /// the measurement.
 fn trainer(cfg: &DaviConfig, hp: davi_train::config::DaviTrain) -> davi_train::davi::Trainer {
+    davi_train::davi::Trainer::new(cfg, hp, teacher_for(cfg), Device::Cpu).unwrap()
+}
+
+/// A teacher for `cfg`'s network: initial weights, the output layer randomised.
+fn teacher_for(cfg: &DaviConfig) -> std::collections::HashMap<String, Tensor> {
     let unet = UNetModel::new(&cfg.unet).unwrap();
     let teacher = ParamSet::init(&unet, 3, Device::Cpu);
     // In name order, so the same global seed gives the same teacher.
@@ -354,7 +359,7 @@ fn trainer(cfg: &DaviConfig, hp: davi_train::config::DaviTrain) -> davi_train::d
             }
         })
         .collect();
-    davi_train::davi::Trainer::new(cfg, hp, teacher, Device::Cpu).unwrap()
+    teacher
 }
 
 #[test]
@@ -997,6 +1002,56 @@ fn the_official_adaptive_weight_ignores_reg_coeff_and_the_official_optimizer_is_
     let (a, b) = (first_weight(0.25), first_weight(1.0));
     assert!(a > 0.0 && a < 1e4, "weight {a} at a clip bound");
     assert!((a - b).abs() <= 1e-6 * a, "{a} vs {b}");
+}
+
+#[test]
+fn the_official_discriminator_pads_by_two_and_weighs_at_the_last_resblock() {
+    let _serial = serial();
+    use davi_train::gan::{GanConfig, PatchGan};
+    // At 32 px: 7x7 patches with the official padding 2, 2x2 with pix2pix's 1.
+    let side = |padding| {
+        let cfg = GanConfig {
+            padding,
+            ..Default::default()
+        };
+        let d = PatchGan::new(1, 32, cfg, 1e-4, 0, Device::Cpu).unwrap();
+        d.logits(&Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu)))
+            .size()
+    };
+    assert_eq!(side(2), [2, 1, 7, 7]);
+    assert_eq!(side(1), [2, 1, 2, 2]);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = davi_cfg(tmp.path(), "{task: deblur, kernel_size: 5, sigma: 1.0}");
+    let hp = |layer: &str| davi_train::config::DaviTrain {
+        batch_size: 8,
+        lr: 1e-3,
+        t_ikl: 400,
+        gan: Some(GanConfig {
+            layers: 2,
+            ndf: 16,
+            padding: 2,
+            adaptive_layer: layer.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // A weight I_phi does not have is refused up front, naming the one the official code takes.
+    let e = davi_train::davi::Trainer::new(&cfg, hp("nope"), teacher_for(&cfg), Device::Cpu)
+        .err()
+        .expect("an unknown adaptive_layer is an error")
+        .to_string();
+    let last = davi_train::davi::last_resblock_conv(&trainer(&cfg, hp("out.2.weight")).phi)
+        .expect("the UNet has output ResBlocks");
+    assert!(e.contains("nope") && e.contains(&last), "{e}");
+    assert!(last.starts_with("output_blocks.") && last.ends_with(".0.out_layers.3.weight"));
+    let mut tr = trainer(&cfg, hp(&last));
+    tch::manual_seed(5);
+    let x0 = binary_images(8);
+    let t = tr.step(&x0, 0).unwrap();
+    assert!(
+        t.gan_w > 0.0 && t.gan_w.is_finite() && t.gan_d > 0.0,
+        "{t:?}"
+    );
 }
 
 #[test]
