@@ -21,12 +21,23 @@ pub struct WriteError {
     pub source: std::io::Error,
 }
 
-/// Writes `bytes` to `path` atomically, creating its folder.
+/// Writes `bytes` to `path` atomically, creating its folder. What is at `path` is replaced when
+/// it is a file or a symbolic link (the link itself, never its target); anything else (a
+/// folder, a device, a pipe) is an error, since renaming over it would replace it.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     let err = |source| WriteError {
         path: path.to_path_buf(),
         source,
     };
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        let t = m.file_type();
+        if !t.is_file() && !t.is_symlink() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a regular file (a folder, device, pipe or socket); not replaced",
+            )));
+        }
+    }
     let name = path.file_name().ok_or_else(|| {
         err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -53,6 +64,28 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     tmp.as_file().sync_all().map_err(err)?;
     tmp.persist(path).map_err(|e| err(e.error))?;
     Ok(())
+}
+
+/// Writes a file the user named (a report, a table, a card, a sheet) through to what is there:
+/// a device or pipe (`/dev/stdout`, `/dev/null`) is written to as it is; a symbolic link to a
+/// file is followed, and its target replaced atomically; anything else as [`write_atomic`].
+pub fn write_named(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+    use std::os::unix::fs::FileTypeExt;
+    let err = |source| WriteError {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::metadata(path).map(|m| m.file_type()) {
+        Ok(t) if t.is_char_device() || t.is_fifo() => {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(err)?;
+            f.write_all(bytes).and_then(|_| f.flush()).map_err(err)
+        }
+        Ok(t) if t.is_file() => write_atomic(&std::fs::canonicalize(path).map_err(err)?, bytes),
+        _ => write_atomic(path, bytes),
+    }
 }
 
 /// At most this many bytes of a file's name go into its temporary's name (file names are
@@ -129,6 +162,7 @@ impl Temporary {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileTypeExt;
 
     #[test]
     fn writes_whole_files_and_names_temporaries_by_host_and_pid() {
@@ -149,9 +183,58 @@ mod tests {
         // A name of 255 bytes still gets a temporary that fits.
         let long = dir.join(format!("{}.png", "n".repeat(251)));
         write_atomic(&long, b"x").unwrap();
+        // A folder, device or pipe at the path is not replaced; a link is, not its target.
+        let fifo = dir.join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        for p in [&fifo, &dir.join("sub")] {
+            let e = write_atomic(p, b"x").unwrap_err();
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
+        assert!(std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        let link = dir.join("link.json");
+        std::os::unix::fs::symlink("sub/a.png", &link).unwrap();
+        write_atomic(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
         let e = write_atomic(&dir.join("sub/a.png/x"), b"").unwrap_err();
         assert!(e.to_string().contains("a.png/x"), "{e}");
         assert!(std::error::Error::source(&e).is_some());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_named_file_is_written_through_devices_and_links() {
+        let dir = tempfile::tempdir().unwrap();
+        // A device is written to, not replaced (/dev/null takes anything; /dev/full's error is
+        // the write's).
+        write_named(Path::new("/dev/null"), b"x").unwrap();
+        assert!(std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device());
+        if Path::new("/dev/full").exists() {
+            assert!(write_named(Path::new("/dev/full"), b"x").is_err());
+        }
+        // A link to a file: the target is replaced, the link stays.
+        let target = dir.path().join("t.json");
+        std::fs::write(&target, b"old").unwrap();
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        write_named(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        // A new file, and a folder refused.
+        write_named(&dir.path().join("n.json"), b"n").unwrap();
+        assert!(write_named(dir.path(), b"x").is_err());
     }
 }

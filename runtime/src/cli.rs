@@ -275,7 +275,7 @@ fn finish(report: &Report, path: Option<&Path>, verb: &str) -> Result<ExitCode, 
     // The report first: the terminal or pipe the summary goes to may be gone (a closed SSH
     // session, `| tee` stopped by the same Ctrl-C), and the report must not depend on it.
     if let Some(p) = path {
-        images::write_atomic(p, &serde_json::to_vec_pretty(report)?)?;
+        images::write_named(p, &serde_json::to_vec_pretty(report)?)?;
     }
     let mut err = std::io::stderr().lock();
     for f in &report.failed {
@@ -434,7 +434,7 @@ fn write_card_row(card: &Path, method: &str, e: &metrics::Evaluation) -> Result<
         },
     );
     let yaml = serde_yaml::to_string(&c).map_err(|err| RuntimeError::Usage(err.to_string()))?;
-    images::write_atomic(card, yaml.as_bytes())?;
+    images::write_named(card, yaml.as_bytes())?;
     drop(lock);
     eprintln!("davi: wrote whole_photos.{method} into {}", card.display());
     Ok(())
@@ -477,6 +477,19 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
             )));
         }
     }
+    // Everything the sheet needs, checked before any scoring or writing.
+    if let Some(p) = &a.sheet {
+        metrics::sheet_format(p)?;
+        if a.sheet_rows == 0 {
+            return Err(RuntimeError::Usage("--sheet-rows: at least 1".into()));
+        }
+        if let Some(m) = a.measurement.as_ref().filter(|m| !m.is_dir()) {
+            return Err(RuntimeError::Usage(format!(
+                "--measurement {}: no such folder",
+                crate::paths::escape(m)
+            )));
+        }
+    }
     let e = metrics::evaluate(&a.restored, &a.reference, None)?;
     for f in &e.failed {
         eprintln!(
@@ -514,13 +527,13 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
     }
     let complete = e.missing.is_empty() && e.failed.is_empty();
     if let Some(p) = &a.json {
-        images::write_atomic(p, &serde_json::to_vec_pretty(&e)?)?;
+        images::write_named(p, &serde_json::to_vec_pretty(&e)?)?;
     }
     if let Some(p) = &a.csv {
-        images::write_atomic(p, e.csv().as_bytes())?;
+        images::write_named(p, e.csv().as_bytes())?;
     }
     if let Some(p) = &a.markdown {
-        images::write_atomic(p, e.markdown().as_bytes())?;
+        images::write_named(p, e.markdown().as_bytes())?;
     }
     if let (Some(card), Some(method)) = (&card, &a.method) {
         if complete {
@@ -625,7 +638,7 @@ pub fn bench(a: BenchArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, Runtime
         figures.insert("restore".into(), serde_json::to_value(&r)?);
     }
     if let Some(p) = &a.json {
-        images::write_atomic(p, &serde_json::to_vec_pretty(&figures)?)?;
+        images::write_named(p, &serde_json::to_vec_pretty(&figures)?)?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -215,7 +215,7 @@ pub fn encode(img: ArrayView3<f32>, format: Format) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-pub use davi_models::atomic::{write_atomic, WriteError};
+pub use davi_models::atomic::{write_atomic, write_named, WriteError};
 
 #[cfg(test)]
 mod tests {

@@ -215,6 +215,19 @@ pub fn sheet_magnification(w: u32, h: u32) -> u32 {
     128u32.div_ceil(w.max(h).max(1)).clamp(1, 4)
 }
 
+/// The format of a contact sheet written to `out`, from its extension: PNG, JPEG or WebP.
+pub fn sheet_format(out: &Path) -> Result<image::ImageFormat, RuntimeError> {
+    match image::ImageFormat::from_path(out) {
+        Ok(f @ (image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP)) => {
+            Ok(f)
+        }
+        _ => Err(RuntimeError::file(
+            out,
+            "a contact sheet is written as .png, .jpg/.jpeg or .webp",
+        )),
+    }
+}
+
 /// A contact sheet: one row per image (up to `rows`), columns measurement (nearest-upscaled to
 /// the image size, when given) | restored | reference, 2 px white gaps, each row magnified by
 /// [`sheet_magnification`] of its reference; rows of different sizes each keep their own. The
@@ -227,17 +240,7 @@ pub fn sheet(
     rows: usize,
     out: &Path,
 ) -> Result<(), RuntimeError> {
-    let format = match image::ImageFormat::from_path(out) {
-        Ok(f @ (image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP)) => {
-            f
-        }
-        _ => {
-            return Err(RuntimeError::file(
-                out,
-                "a contact sheet is written as .png, .jpg/.jpeg or .webp",
-            ))
-        }
-    };
+    let format = sheet_format(out)?;
     let mut dirs: Vec<&Path> = Vec::new();
     if let Some(m) = measurement {
         dirs.push(m);
@@ -323,7 +326,7 @@ pub fn sheet(
     canvas
         .write_to(&mut std::io::Cursor::new(&mut buf), format)
         .map_err(|e| RuntimeError::file(out, e))?;
-    Ok(images::write_atomic(out, &buf)?)
+    Ok(images::write_named(out, &buf)?)
 }
 
 #[cfg(test)]

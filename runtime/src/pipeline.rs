@@ -435,7 +435,9 @@ fn check_no_input_replaced(
         }
     }
     if let Some(r) = report {
-        if images::is_image_path(r) || inputs.contains(r) || r.is_dir() {
+        // The output folder is made later: a report named as it is a folder too.
+        let is_output_dir = paths::canonical_dir(r) == paths::canonical_dir(&opts.output);
+        if images::is_image_path(r) || inputs.contains(r) || r.is_dir() || is_output_dir {
             return refuse(format!(
                 "--report {} names an image, an input, the model or a folder; give a .json path",
                 paths::escape(r)
@@ -626,7 +628,12 @@ pub fn restore(
         let beyond = format!(".sample{}", opts.samples.max(1));
         let mut mixed = Vec::new();
         todo.retain(|&i| {
-            let has = |sfx: &str| jobs[i].output(&opts.output, opts.format, sfx).exists();
+            // A file with something in it (atomic writes never leave an empty or partial one);
+            // a folder, an empty file or a link there is not an output of a run.
+            let has = |sfx: &str| {
+                std::fs::symlink_metadata(jobs[i].output(&opts.output, opts.format, sfx))
+                    .is_ok_and(|m| m.is_file() && m.len() > 0)
+            };
             if has(&beyond) {
                 mixed.push(i);
                 return false;

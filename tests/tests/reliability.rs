@@ -4,6 +4,7 @@
 use davi_tests::{
     bin, davi, random_model, random_model_with, restore, toy_model, tree, walk, write_images,
 };
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 /// The `davi: restored R of F (S skipped, X failed, ...)` line's numbers.
@@ -81,6 +82,13 @@ fn an_output_never_replaces_an_input() {
         restore(&model, &x, &o2, &["--report", o2.to_str().unwrap()]),
         "--report on a folder",
     );
+    // --report on the output folder that the run would create.
+    let o3 = tmp.path().join("o3");
+    refused(
+        restore(&model, &x, &o3, &["--report", o3.to_str().unwrap()]),
+        "--report on the output folder",
+    );
+    assert!(!o3.exists(), "the refused run made its output folder");
     // Followed symlinks: their targets are inputs too.
     let sel = tmp.path().join("sel");
     std::fs::create_dir_all(&sel).unwrap();
@@ -101,24 +109,62 @@ fn eval_never_writes_into_the_folders_it_scores() {
     write_images(&a, 2, 32);
     write_images(&b, 2, 32);
     let before = (tree(&a), tree(&b));
-    for args in [
-        vec!["--json", "b/img_000.png"],
-        vec!["--csv", "a/scores.csv"],
-        vec!["--sheet", "b/sheet.png"],
-        vec!["--markdown", "table.png"],
-    ] {
-        let mut all = vec!["eval", "--restored", "a", "--reference", "b"];
-        all.extend(args.iter());
+    // `davi eval --restored a --reference b ARGS` in the temporary folder: exit code, stderr.
+    let eval = |args: &[&str]| {
         let out = std::process::Command::new(bin("davi"))
             .current_dir(tmp.path())
-            .args(&all)
+            .args(["eval", "--restored", "a", "--reference", "b"])
+            .args(args)
             .output()
             .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in [
+        ["--json", "b/img_000.png"],
+        ["--csv", "a/scores.csv"],
+        ["--sheet", "b/sheet.png"],
+        ["--markdown", "table.png"],
+    ] {
+        let (code, err) = eval(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
         assert!(err.contains("refused"), "{err}");
     }
     assert_eq!((tree(&a), tree(&b)), before);
+    // A sheet it cannot write is refused before any scoring or writing.
+    for args in [
+        &["--sheet", "sheet.gif"][..],
+        &["--sheet", "s.png", "--sheet-rows", "0"],
+        &["--sheet", "s.png", "--measurement", "nope"],
+    ] {
+        let (code, err) = eval(&[&["--json", "e.json"], args].concat());
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(
+            !tmp.path().join("e.json").exists(),
+            "{args:?} wrote the scores"
+        );
+    }
+    // Scores to a device go through it; a device or a link is never replaced by a file.
+    let link = tmp.path().join("scores.json");
+    let target = tmp.path().join("kept/scores.json");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::write(&target, b"{}").unwrap();
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    for json in ["/dev/null", "scores.json"] {
+        let (code, err) = eval(&["--json", json]);
+        assert_eq!(code, Some(0), "{err}");
+    }
+    assert!(std::fs::symlink_metadata("/dev/null")
+        .unwrap()
+        .file_type()
+        .is_char_device());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::read_to_string(&target).unwrap().contains("psnr"));
     let (code, _, err) = davi(&["eval", "--restored", "/nonexistent", "--reference", "b"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("no such folder"), "{err}");
@@ -218,6 +264,36 @@ fn a_rerun_removes_the_temporaries_of_dead_writers_only() {
         assert!(p.exists(), "{} was removed", p.display());
         std::fs::remove_file(p).unwrap();
     }
+    assert_eq!(tree(&out), tree(&full));
+}
+
+#[test]
+fn skip_existing_counts_only_files_a_run_could_have_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    let files = write_images(&inp, 3, 32);
+    let full = tmp.path().join("full");
+    assert_eq!(restore(&model, &inp, &full, &[]).0, 0);
+    let before = tree(&inp);
+    // At the outputs' paths: an empty file, a link to an input, a folder. None is an output.
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(out.join("img_002.png")).unwrap();
+    std::fs::write(out.join("img_000.png"), b"").unwrap();
+    std::os::unix::fs::symlink(&files[1], out.join("img_001.png")).unwrap();
+    let (code, _, err) = restore(&model, &inp, &out, &["--skip-existing"]);
+    // The first two are redone (the link itself replaced, not the input it points to); the
+    // folder is not replaced, and that input fails, saying why.
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(counts(&err), (2, 3, 0, 1), "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+    assert_eq!(tree(&inp), before, "an input changed");
+    assert!(std::fs::symlink_metadata(out.join("img_001.png"))
+        .unwrap()
+        .is_file());
+    std::fs::remove_dir(out.join("img_002.png")).unwrap();
+    let (code, _, err) = restore(&model, &inp, &out, &["--skip-existing"]);
+    assert_eq!((code, counts(&err)), (0, (1, 3, 2, 0)), "{err}");
     assert_eq!(tree(&out), tree(&full));
 }
 
