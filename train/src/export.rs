@@ -99,7 +99,12 @@ pub fn export(args: &ExportArgs) -> Result<PathBuf> {
         Device::Cpu,
     );
     tch::manual_seed(args.seed);
-    let (y, z, out) = tch::no_grad(|| -> Result<(Tensor, Tensor, Tensor)> {
+    // One thread: the fixtures' bytes then do not depend on how many cores the exporting
+    // machine has (a multi-threaded convolution sums in another order), so a re-export of a
+    // shipped model gives the same file anywhere.
+    let threads = tch::get_num_threads();
+    tch::set_num_threads(1);
+    let computed = tch::no_grad(|| -> Result<(Tensor, Tensor, Tensor)> {
         let y = measure(&implicit.operator, &b, &x0, c, s, task.sigma_y).clamp(-1.0, 1.0);
         let z = Tensor::randn(
             [args.k as i64, c as i64, s as i64, s as i64],
@@ -107,7 +112,9 @@ pub fn export(args: &ExportArgs) -> Result<PathBuf> {
         );
         let out = implicit.restore(&b, &y, &z)?;
         Ok((y, z, out))
-    })?;
+    });
+    tch::set_num_threads(threads);
+    let (y, z, out) = computed?;
     let parity = parity_path(&args.output);
     checkpoint::save_tensors(
         &parity,
