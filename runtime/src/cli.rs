@@ -468,7 +468,11 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
     let texts = [&a.json, &a.csv, &a.markdown, &card].into_iter().flatten();
     let outputs = texts.clone().chain(a.sheet.as_ref());
     for p in outputs {
-        let dir = crate::paths::canonical_dir(p.parent().unwrap_or(Path::new(".")));
+        // Where the write lands: a link is written through to its target.
+        let dir = match p.canonicalize() {
+            Ok(target) => crate::paths::canonical_dir(target.parent().unwrap_or(Path::new("/"))),
+            Err(_) => crate::paths::canonical_dir(p.parent().unwrap_or(Path::new("."))),
+        };
         let text_as_image = texts.clone().any(|t| t == p) && images::is_image_path(p);
         if scored.iter().any(|s| dir.starts_with(s)) || text_as_image || p.is_dir() {
             return Err(RuntimeError::Usage(format!(

@@ -437,7 +437,12 @@ fn check_no_input_replaced(
     if let Some(r) = report {
         // The output folder is made later: a report named as it is a folder too.
         let is_output_dir = paths::canonical_dir(r) == paths::canonical_dir(&opts.output);
-        if images::is_image_path(r) || inputs.contains(r) || r.is_dir() || is_output_dir {
+        // A link is written through (`write_named`): its target counts as the report too.
+        let target = r.canonicalize().unwrap_or_else(|_| r.to_path_buf());
+        let names_input = [r, target.as_path()]
+            .iter()
+            .any(|p| images::is_image_path(p) || inputs.contains(p));
+        if names_input || r.is_dir() || is_output_dir {
             return refuse(format!(
                 "--report {} names an image, an input, the model or a folder; give a .json path",
                 paths::escape(r)

@@ -82,6 +82,13 @@ fn an_output_never_replaces_an_input() {
         restore(&model, &x, &o2, &["--report", o2.to_str().unwrap()]),
         "--report on a folder",
     );
+    // --report through a link to an input (reports are written through links).
+    let alias = tmp.path().join("alias.json");
+    std::os::unix::fs::symlink(&files[0], &alias).unwrap();
+    refused(
+        restore(&model, &x, &o2, &["--report", alias.to_str().unwrap()]),
+        "--report linked to an input",
+    );
     // --report on the output folder that the run would create.
     let o3 = tmp.path().join("o3");
     refused(
@@ -132,6 +139,10 @@ fn eval_never_writes_into_the_folders_it_scores() {
         assert_eq!(code, Some(2), "{args:?}: {err}");
         assert!(err.contains("refused"), "{err}");
     }
+    // Nor through a link that leads into them.
+    std::os::unix::fs::symlink(b.join("img_000.png"), tmp.path().join("into.json")).unwrap();
+    let (code, err) = eval(&["--json", "into.json"]);
+    assert_eq!(code, Some(2), "{err}");
     assert_eq!((tree(&a), tree(&b)), before);
     // A sheet it cannot write is refused before any scoring or writing.
     for args in [
