@@ -54,7 +54,18 @@ impl EpArgs {
 pub fn parse_shard(s: &str) -> Result<(usize, usize), String> {
     let bad = || format!("expected i/n with 0 <= i < n, got '{s}'");
     let (i, n) = s.split_once('/').ok_or_else(bad)?;
-    let (i, n): (usize, usize) = (i.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+    // Plain decimal numbers only: `00/2` or `+1/2` would name shard 0 or 1 under another spelling.
+    let number = |t: &str| -> Result<usize, String> {
+        let plain = !t.is_empty()
+            && t.bytes().all(|b| b.is_ascii_digit())
+            && (t == "0" || !t.starts_with('0'));
+        if plain {
+            t.parse().map_err(|_| bad())
+        } else {
+            Err(bad())
+        }
+    };
+    let (i, n) = (number(i)?, number(n)?);
     if n == 0 || i >= n {
         return Err(bad());
     }
@@ -522,6 +533,13 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
             e.missing[0]
         );
     }
+    if !e.unmatched.is_empty() {
+        eprintln!(
+            "davi: {} restored image(s) have no reference and were not scored, e.g. {}",
+            e.unmatched.len(),
+            crate::paths::escape(&a.restored.join(&e.unmatched[0]))
+        );
+    }
     if !e.failed.is_empty() {
         eprintln!(
             "davi: {} pair(s) could not be scored (above); the scores are of the other {}",
@@ -688,6 +706,10 @@ pub fn cards(a: CardsArgs) -> Result<ExitCode, RuntimeError> {
             found.push((r, v));
         }
     }
+    // A card named twice (`davi cards a/card.yaml a/card.yaml`, or a folder and a card in it)
+    // is one card: printed once.
+    let mut seen = std::collections::HashSet::new();
+    found.retain(|(p, _)| seen.insert(p.canonicalize().unwrap_or_else(|_| p.clone())));
     let mut cards = Vec::new();
     for (f, v) in found {
         let card: davi_models::card::ModelCard = serde_yaml::from_value(v)
@@ -714,5 +736,23 @@ pub fn info(a: InfoArgs) -> Result<ExitCode, RuntimeError> {
             Err(RuntimeError::io(Path::new("stdout"), e))
         }
         _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_shard;
+
+    /// `--shard i/n` takes plain decimal numbers with 0 <= i < n, and nothing else.
+    #[test]
+    fn shards_are_plain_numbers_in_range() {
+        assert_eq!(parse_shard("0/1"), Ok((0, 1)));
+        assert_eq!(parse_shard("3/10"), Ok((3, 10)));
+        for bad in [
+            "00/2", "+1/2", "1/02", "2/2", "0/0", "1", "/2", "1/", "-1/2", " 1/2", "1/2/3",
+        ] {
+            let e = parse_shard(bad).unwrap_err();
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
     }
 }

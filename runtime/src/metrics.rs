@@ -33,6 +33,9 @@ pub struct Evaluation {
     pub ssim_ci95: f64,
     /// References without a restored image.
     pub missing: Vec<String>,
+    /// Restored images without a reference (not scored): a restore of other inputs, or a name
+    /// that does not mirror its reference's.
+    pub unmatched: Vec<String>,
     /// Pairs that could not be scored (unreadable, or of different sizes), with the reason; the
     /// others are scored all the same.
     pub failed: Vec<Failure>,
@@ -64,6 +67,7 @@ pub fn evaluate(
     let mut scores = Vec::new();
     let mut missing = Vec::new();
     let mut failed = Vec::new();
+    let mut matched: std::collections::HashSet<PathBuf> = Default::default();
     // References of one folder that share a stem (a.png, a.jpg) were restored under names that
     // keep their extension (a.png.png, a.jpg.png): only those names are theirs.
     let mut stems: std::collections::HashMap<PathBuf, usize> = Default::default();
@@ -78,6 +82,7 @@ pub fn evaluate(
             missing.push(rel.display().to_string());
             continue;
         };
+        matched.insert(out.clone());
         match score_pair(&r, &out, channels) {
             Ok((psnr, ssim)) => scores.push(Score {
                 path: rel.display().to_string(),
@@ -95,6 +100,15 @@ pub fn evaluate(
             }),
         }
     }
+    let mut unmatched = Vec::new();
+    for e in walkdir::WalkDir::new(restored).sort_by_file_name() {
+        let e = e.map_err(|e| RuntimeError::file(restored, e))?;
+        if e.file_type().is_file() && images::is_image_path(e.path()) && !matched.contains(e.path())
+        {
+            let rel = e.path().strip_prefix(restored).unwrap_or(e.path());
+            unmatched.push(rel.display().to_string());
+        }
+    }
     let (p, pc) = mean_ci95(&scores.iter().map(|s| s.psnr.min(100.0)).collect::<Vec<_>>());
     let (s, sc) = mean_ci95(&scores.iter().map(|s| s.ssim).collect::<Vec<_>>());
     Ok(Evaluation {
@@ -104,6 +118,7 @@ pub fn evaluate(
         ssim: s,
         ssim_ci95: sc,
         missing,
+        unmatched,
         failed,
     })
 }
@@ -386,7 +401,8 @@ mod tests {
     }
 
     /// One unreadable restored image or one of the wrong size is a failure of that pair, named
-    /// with its reason; every other pair is scored. References that differ only in their
+    /// with its reason; every other pair is scored, and restored images without a reference are
+    /// named. References that differ only in their
     /// extension pair with restore's names for them (d.png.png, d.jpg.png) alone.
     #[test]
     fn a_bad_pair_is_reported_and_the_others_are_scored() {
@@ -424,6 +440,11 @@ mod tests {
             "d.png scored against the stale file"
         );
         assert!(e.missing.is_empty());
+        // The stale d.png and an image no reference has are named, not scored.
+        write(&re.join("sub"), "extra.png", 16, 16, 1);
+        let e2 = evaluate(&re, &rf, None).unwrap();
+        assert_eq!(e2.unmatched, ["d.png", "sub/extra.png"]);
+        assert_eq!(e2.images.len(), e.images.len());
         assert_eq!(e.failed.len(), 2);
         assert!(
             e.failed[0].path.ends_with("b.png") && e.failed[0].reason.contains("empty"),

@@ -245,6 +245,17 @@ fn degrade_restore_and_eval_work_at_any_size() {
     let (code, out, err) = davi(&["eval", "--restored", &s(&r), "--reference", &s(&clean)]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("| 1 |"), "{out}");
+    assert!(!err.contains("no reference"), "{err}");
+    // A restored image that no reference has is named on stderr, and not scored.
+    std::fs::copy(r.join("wide.png"), r.join("stray.png")).unwrap();
+    let (code, out, err) = davi(&["eval", "--restored", &s(&r), "--reference", &s(&clean)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("| 1 |"), "{out}");
+    assert!(
+        err.contains("1 restored image(s) have no reference") && err.contains("stray.png"),
+        "{err}"
+    );
+    std::fs::remove_file(r.join("stray.png")).unwrap();
     // --lift: the measurement brought back to the image's size (bicubic for SR), the baseline.
     let (m2, lift) = (tmp.path().join("meas2"), tmp.path().join("lift"));
     let (code, _, err) = davi(&[

@@ -92,6 +92,20 @@ fn cards_table_covers_every_task_model() {
         );
     }
     assert!(!out.contains("fmnist32-prior"), "{out}");
+    // A card named twice, directly and through its folder, is printed once.
+    let sr4 = zoo.join("fmnist32-sr4/card.yaml");
+    let sr4_again = zoo.join("fmnist32-sr4/../fmnist32-sr4/card.yaml");
+    let (code, once, err) = davi_tests::davi(&["cards", sr4.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, twice, err) =
+        davi_tests::davi(&["cards", sr4.to_str().unwrap(), sr4_again.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(once, twice);
+    assert_eq!(
+        out.matches("| fmnist32-sr4 | **DAVI** |").count(),
+        1,
+        "{out}"
+    );
     let prior = zoo.join("fmnist32-prior/card.yaml");
     let (code, _, err) = davi_tests::davi(&["cards", prior.to_str().unwrap()]);
     assert_eq!(code, 2);
