@@ -48,7 +48,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    std::fs::create_dir_all(dir).map_err(err)?;
+    std::fs::create_dir_all(dir).map_err(|e| {
+        // Name the part of the path that is in the way (`out/sub` a file where `out/sub/a.png`
+        // needs a folder), not only the errno.
+        let blocker = dir
+            .ancestors()
+            .find(|a| std::fs::metadata(a).is_ok_and(|m| !m.is_dir()));
+        match blocker {
+            Some(b) => err(std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{} is not a folder; cannot make the folder of this file",
+                    b.display()
+                ),
+            )),
+            None => err(e),
+        }
+    })?;
     let mut prefix = std::ffi::OsString::from(".");
     prefix.push(OsStr::from_bytes(truncated(name.as_bytes())));
     prefix.push(".");
@@ -205,6 +221,9 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         let e = write_atomic(&dir.join("sub/a.png/x"), b"").unwrap_err();
         assert!(e.to_string().contains("a.png/x"), "{e}");
+        // The file in the way of the folder is named.
+        let e = write_atomic(&dir.join("sub/a.png/deeper/x"), b"").unwrap_err();
+        assert!(e.to_string().contains("sub/a.png is not a folder"), "{e}");
         assert!(std::error::Error::source(&e).is_some());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -110,7 +110,8 @@ pub struct RestoreArgs {
     /// Write a JSON report (counts, failures with reasons, timings).
     #[arg(long)]
     pub report: Option<PathBuf>,
-    /// Refuse images above this many pixels from their header, without decoding them.
+    /// Refuse images above this many pixels from their header, without decoding them, and
+    /// images whose output (x4 the side for super-resolution) would be larger.
     #[arg(long, default_value_t = images::DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
     /// Images larger than the model are restored in tiles overlapping by this fraction of a
@@ -403,7 +404,7 @@ fn card_target(card: &Path, method: &str) -> Result<PathBuf, RuntimeError> {
 }
 
 fn read_card(card: &Path) -> Result<davi_models::card::ModelCard, RuntimeError> {
-    let text = std::fs::read_to_string(card).map_err(|err| RuntimeError::io(card, err))?;
+    let text = crate::paths::read_text(card, crate::paths::MAX_CARD_BYTES)?;
     serde_yaml::from_str(&text).map_err(|err| {
         RuntimeError::Usage(format!(
             "{}: not a model card: {err}",
@@ -456,16 +457,18 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
     for dir in [&a.restored, &a.reference] {
         if !dir.is_dir() {
             return Err(RuntimeError::Usage(format!(
-                "{}: no such folder",
-                crate::paths::escape(dir)
+                "{}: {}",
+                crate::paths::escape(dir),
+                if dir.exists() {
+                    "not a folder (give the folder of the images)"
+                } else {
+                    "no such folder"
+                }
             )));
         }
     }
     // What eval writes goes outside the folders it scores.
-    let scored = [
-        crate::paths::canonical_dir(&a.restored),
-        crate::paths::canonical_dir(&a.reference),
-    ];
+    let scored = [&a.restored, &a.reference];
     if a.card.is_some() != a.method.is_some() {
         return Err(RuntimeError::Usage(
             "--card and --method go together (which row of the card's whole_photos to write)"
@@ -478,19 +481,32 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode, RuntimeError> {
     };
     let texts = [&a.json, &a.csv, &a.markdown, &card].into_iter().flatten();
     let outputs = texts.clone().chain(a.sheet.as_ref());
-    for p in outputs {
+    for p in outputs.clone() {
         // Where the write lands: a link is written through to its target.
         let dir = match p.canonicalize() {
             Ok(target) => crate::paths::canonical_dir(target.parent().unwrap_or(Path::new("/"))),
             Err(_) => crate::paths::canonical_dir(p.parent().unwrap_or(Path::new("."))),
         };
         let text_as_image = texts.clone().any(|t| t == p) && images::is_image_path(p);
-        if scored.iter().any(|s| dir.starts_with(s)) || text_as_image || p.is_dir() {
+        let in_scored = scored.iter().any(|s| crate::paths::dir_within(&dir, s));
+        if in_scored || text_as_image || p.is_dir() {
             return Err(RuntimeError::Usage(format!(
                 "refused: {} lies in a scored folder, is a folder, or names an image; nothing was written",
                 crate::paths::escape(p)
             )));
         }
+    }
+    // No two outputs are one file (`--csv card.yaml` would replace the card it then writes).
+    let mut named = crate::paths::Entries::default();
+    for p in outputs {
+        let target = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        if named.contains(&target) {
+            return Err(RuntimeError::Usage(format!(
+                "refused: {} is named by two outputs (--json, --csv, --markdown, --card, --sheet); nothing was written",
+                crate::paths::escape(p)
+            )));
+        }
+        named.insert(&target);
     }
     // Everything the sheet needs, checked before any scoring or writing.
     if let Some(p) = &a.sheet {
@@ -612,10 +628,49 @@ pub fn verify(a: VerifyArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, Runti
 
 /// `davi bench`.
 pub fn bench(a: BenchArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, RuntimeError> {
-    if a.batch.contains(&0) {
+    if a.batch.contains(&0) || a.restore_batch == 0 {
         return Err(RuntimeError::Usage(
-            "--batch: sizes must be at least 1".into(),
+            "--batch, --restore-batch: sizes must be at least 1".into(),
         ));
+    }
+    // Every argument checked before the first timed run, not after minutes of them.
+    if !(a.seconds > 0.0 && a.seconds <= 3600.0) {
+        return Err(RuntimeError::Usage(format!(
+            "--seconds {}: more than 0 and at most 3600 per batch size",
+            a.seconds
+        )));
+    }
+    if !(0.0..0.9).contains(&a.overlap) {
+        return Err(RuntimeError::Usage(format!(
+            "--overlap {}: a fraction of the tile, at least 0 and below 0.9",
+            a.overlap
+        )));
+    }
+    if let Some(dir) = &a.input {
+        if !dir.exists() {
+            return Err(RuntimeError::file(dir, "no such file or folder"));
+        }
+    }
+    if let Some(p) = &a.json {
+        // The figures never replace the model, an image or anything under the restored folder.
+        let target = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let mut taken = crate::paths::Entries::default();
+        taken.insert(&a.model.canonicalize().unwrap_or_else(|_| a.model.clone()));
+        let dir = target.parent().unwrap_or(Path::new("."));
+        let in_input = a.input.as_ref().is_some_and(|i| {
+            (i.is_dir() && crate::paths::dir_within(dir, i)) || taken_by(i, &target)
+        });
+        if in_input
+            || taken.contains(&target)
+            || images::is_image_path(p)
+            || images::is_image_path(&target)
+            || p.is_dir()
+        {
+            return Err(RuntimeError::Usage(format!(
+                "refused: --json {} names the model, an image, a folder or a file under --input; give a .json path",
+                crate::paths::escape(p)
+            )));
+        }
     }
     let max = a
         .batch
@@ -628,6 +683,7 @@ pub fn bench(a: BenchArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, Runtime
     let mut m = Model::load(&a.model, &a.ep.session(ort_lib, max))?;
     m.check_memory(max)?;
     let mut figures = serde_json::Map::new();
+    let mut failed = 0;
     println!("| what | batch | images/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for &b in &a.batch {
@@ -641,10 +697,25 @@ pub fn bench(a: BenchArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, Runtime
     figures.insert("session".into(), serde_json::to_value(&rows)?);
     if let Some(dir) = &a.input {
         let r = crate::bench::restore(&mut m, dir, a.restore_batch, a.overlap)?;
+        for f in &r.failed {
+            eprintln!(
+                "davi: not restored: {}: {}",
+                crate::paths::escape(Path::new(&f.path)),
+                crate::paths::one_line(&f.reason)
+            );
+        }
         println!(
-            "| restore end to end ({} images) | {} | {:.1} | | |",
-            r.restored, a.restore_batch, r.images_per_second
+            "| restore end to end ({} images{}) | {} | {:.1} | | |",
+            r.restored,
+            if r.failed.is_empty() {
+                String::new()
+            } else {
+                format!(", {} failed", r.failed.len())
+            },
+            a.restore_batch,
+            r.images_per_second
         );
+        failed = r.failed.len();
         // Against the bare session at the same batch: rows (tiles) per second.
         let bare = crate::bench::session(&mut m, a.restore_batch, a.seconds)?;
         let rows_per_s = r.rows as f64 / r.seconds.max(1e-9);
@@ -662,7 +733,16 @@ pub fn bench(a: BenchArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, Runtime
     if let Some(p) = &a.json {
         images::write_named(p, &serde_json::to_vec_pretty(&figures)?)?;
     }
+    if failed > 0 {
+        eprintln!("davi: {failed} input(s) of the end-to-end restore failed (above): its figures leave them out");
+        return Ok(ExitCode::from(1));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `input` (a file) is `target`.
+fn taken_by(input: &Path, target: &Path) -> bool {
+    input.is_file() && input.canonicalize().is_ok_and(|i| i == target)
 }
 
 /// `davi cards`: every card's evaluation, DPS tuning and whole-photograph scores as Markdown
@@ -676,7 +756,7 @@ pub fn cards(a: CardsArgs) -> Result<ExitCode, RuntimeError> {
     // Each card read once. A card that is not YAML is an error, not skipped; in a searched folder
     // only task models' cards count (the priors' and the classifier's have no `task`).
     let read = |p: &Path| -> Result<serde_yaml::Value, RuntimeError> {
-        let text = std::fs::read_to_string(p).map_err(|e| RuntimeError::file(p, e))?;
+        let text = crate::paths::read_text(p, crate::paths::MAX_CARD_BYTES)?;
         serde_yaml::from_str(&text).map_err(|e| RuntimeError::file(p, format!("not YAML: {e}")))
     };
     let mut found: Vec<(PathBuf, serde_yaml::Value)> = Vec::new();

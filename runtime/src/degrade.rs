@@ -87,11 +87,10 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
     report.ignored = planned.ignored;
     report.output_inside_input = planned.output_inside_input;
     if let Some(l) = &opts.lift {
-        let canon = crate::paths::canonical_dir(l);
+        use crate::paths::dir_within;
         let taken = [&opts.input, &opts.output]
             .iter()
-            .map(|p| crate::paths::canonical_dir(p))
-            .any(|p| canon.starts_with(&p) || p.starts_with(&canon));
+            .any(|p| dir_within(l, p) || dir_within(p, l));
         if l.exists() && !l.is_dir() {
             return Err(RuntimeError::Usage(format!(
                 "--lift {}: exists and is not a folder",
@@ -117,11 +116,12 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
         }
         let c = match opts.channels {
             Some(c) => c,
-            None => match image::open(path) {
-                Ok(img) if img.color().has_color() => 3,
-                Ok(_) => 1,
+            // From the header: the image is decoded once, by `load`, under the pixel limit.
+            None => match images::has_colour(path) {
+                Ok(true) => 3,
+                Ok(false) => 1,
                 Err(e) => {
-                    fail(&mut report, format!("cannot decode: {e}"));
+                    fail(&mut report, e);
                     continue;
                 }
             },

@@ -61,6 +61,18 @@ pub fn load(
     load_limited(path, c, expect_hw, DEFAULT_MAX_PIXELS)
 }
 
+/// Whether the image at `path` has colour, from its header alone (the format guessed from its
+/// bytes, as [`load`] does, not from its extension).
+pub fn has_colour(path: &Path) -> Result<bool, String> {
+    let dec = image::ImageReader::open(path)
+        .map_err(|e| format!("cannot read: {e}"))?
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read: {e}"))?
+        .into_decoder()
+        .map_err(|e| format!("cannot decode: {e}"))?;
+    Ok(image::ImageDecoder::color_type(&dec).has_color())
+}
+
 /// [`load`] with a pixel limit: the header is read first, and an image larger than
 /// `max_pixels` (or not of `expect_hw`) is refused without decoding it.
 pub fn load_limited(

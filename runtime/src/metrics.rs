@@ -12,7 +12,8 @@ pub struct Score {
     pub path: String,
     /// Relative path of the restored image it was scored against.
     pub restored: String,
-    /// PSNR in dB on [0, 1].
+    /// PSNR in dB on [0, 1], at most 100 (identical images: infinite, which JSON cannot hold;
+    /// the mean counts them as 100 too).
     pub psnr: f64,
     /// SSIM on [0, 1].
     pub ssim: f64,
@@ -85,13 +86,13 @@ pub fn evaluate(
         matched.insert(out.clone());
         match score_pair(&r, &out, channels) {
             Ok((psnr, ssim)) => scores.push(Score {
+                psnr: psnr.min(100.0),
                 path: rel.display().to_string(),
                 restored: out
                     .strip_prefix(restored)
                     .unwrap_or(&out)
                     .display()
                     .to_string(),
-                psnr,
                 ssim,
             }),
             Err((path, reason)) => failed.push(Failure {
@@ -109,7 +110,7 @@ pub fn evaluate(
             unmatched.push(rel.display().to_string());
         }
     }
-    let (p, pc) = mean_ci95(&scores.iter().map(|s| s.psnr.min(100.0)).collect::<Vec<_>>());
+    let (p, pc) = mean_ci95(&scores.iter().map(|s| s.psnr).collect::<Vec<_>>());
     let (s, sc) = mean_ci95(&scores.iter().map(|s| s.ssim).collect::<Vec<_>>());
     Ok(Evaluation {
         images: scores,
@@ -153,12 +154,7 @@ fn score_pair(
     channels: Option<usize>,
 ) -> Result<(f64, f64), (PathBuf, String)> {
     let c = channels.unwrap_or_else(|| {
-        let colour = image::ImageReader::open(r)
-            .ok()
-            .and_then(|i| i.with_guessed_format().ok())
-            .and_then(|i| i.into_decoder().ok())
-            .map(|d| image::ImageDecoder::color_type(&d).has_color());
-        if colour.unwrap_or(true) {
+        if images::has_colour(r).unwrap_or(true) {
             3
         } else {
             1
@@ -456,6 +452,20 @@ mod tests {
             "{:?}",
             e.failed[1]
         );
+    }
+
+    /// Identical images score 100 dB everywhere: per image, in the mean, in CSV and JSON.
+    #[test]
+    fn identical_images_score_100_db_in_every_output() {
+        let t = tempfile::tempdir().unwrap();
+        let (re, rf) = (t.path().join("restored"), t.path().join("reference"));
+        write(&re, "a.png", 8, 8, 40);
+        write(&rf, "a.png", 8, 8, 40);
+        let e = evaluate(&re, &rf, None).unwrap();
+        assert_eq!((e.images[0].psnr, e.psnr), (100.0, 100.0));
+        assert!(e.csv().contains("a.png,100.0000,"), "{}", e.csv());
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["images"][0]["psnr"], 100.0);
     }
 
     /// A sheet wider than WebP holds is refused from the headers, before any image is decoded

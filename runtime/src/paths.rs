@@ -6,13 +6,20 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// A path on one line: control characters and bytes that are not UTF-8 are escaped (`\n`,
-/// `\x1b`, `\xff`), so one failure is one line of the log and of the report.
+/// Characters that reorder or hide what follows them on a terminal: the bidirectional
+/// controls (U+202A-U+202E, U+2066-U+2069, marks) and zero-width ones.
+fn invisible(ch: char) -> bool {
+    matches!(ch, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{061c}' | '\u{feff}')
+}
+
+/// A path on one line: control characters, bidirectional and zero-width characters, and bytes
+/// that are not UTF-8 are escaped (`\n`, `\x1b`, `\u{202e}`, `\xff`), so one failure is one line
+/// of the log and of the report, shown as it is named.
 pub fn escape(path: &Path) -> String {
     let mut out = String::new();
     for chunk in path.as_os_str().as_bytes().utf8_chunks() {
         for ch in chunk.valid().chars() {
-            if ch.is_control() || ch == '\\' {
+            if ch.is_control() || ch == '\\' || invisible(ch) {
                 out.extend(ch.escape_default());
             } else {
                 out.push(ch);
@@ -107,17 +114,60 @@ pub fn canonical_dir(dir: &Path) -> PathBuf {
     }
 }
 
-/// Directory entries (canonical parent folder, file name): what a rename onto a path replaces.
-/// Folders are resolved once each.
+/// What a folder is: its device and inode when it exists, so that one folder reached by two
+/// paths that no symlink joins (a bind mount, a container's two volumes of one host folder) is
+/// one folder; else the canonical path it will have ([`canonical_dir`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum DirId {
+    /// An existing folder: (device, inode).
+    Node(u64, u64),
+    /// A folder not made yet.
+    Path(PathBuf),
+}
+
+/// The [`DirId`] of folder `dir`.
+pub fn dir_id(dir: &Path) -> DirId {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::metadata(dir) {
+            if m.is_dir() {
+                return DirId::Node(m.dev(), m.ino());
+            }
+        }
+    }
+    DirId::Path(canonical_dir(dir))
+}
+
+/// Whether folder `inner` is folder `outer` or lies inside it, by whatever paths the two are
+/// reached (symlinks, `..`, bind mounts).
+pub fn dir_within(inner: &Path, outer: &Path) -> bool {
+    let mut cur = canonical_dir(inner);
+    let outer_id = dir_id(outer);
+    if let DirId::Path(o) = &outer_id {
+        return cur.starts_with(o);
+    }
+    loop {
+        if dir_id(&cur) == outer_id {
+            return true;
+        }
+        if !cur.pop() {
+            return false;
+        }
+    }
+}
+
+/// Directory entries (parent folder's [`DirId`], file name): what a rename onto a path
+/// replaces. Folders are resolved once each.
 #[derive(Default)]
 pub struct Entries {
-    dirs: HashMap<PathBuf, PathBuf>,
-    set: HashMap<PathBuf, HashSet<OsString>>,
+    dirs: HashMap<PathBuf, DirId>,
+    set: HashMap<DirId, HashSet<OsString>>,
 }
 
 impl Entries {
     /// The entry of `path`.
-    pub fn key(&mut self, path: &Path) -> (PathBuf, OsString) {
+    pub fn key(&mut self, path: &Path) -> (DirId, OsString) {
         let parent = path.parent().unwrap_or(Path::new("."));
         let parent = if parent.as_os_str().is_empty() {
             Path::new(".")
@@ -127,7 +177,7 @@ impl Entries {
         let dir = self
             .dirs
             .entry(parent.to_path_buf())
-            .or_insert_with(|| canonical_dir(parent))
+            .or_insert_with(|| dir_id(parent))
             .clone();
         (dir, path.file_name().unwrap_or_default().to_os_string())
     }
@@ -144,15 +194,61 @@ impl Entries {
         self.set.get(&d).is_some_and(|s| s.contains(&n))
     }
 
-    /// Whether any entry was recorded in `dir` (its canonical form).
+    /// Whether any entry was recorded in `dir`.
     pub fn has_dir(&mut self, dir: &Path) -> bool {
         let d = self
             .dirs
             .entry(dir.to_path_buf())
-            .or_insert_with(|| canonical_dir(dir))
+            .or_insert_with(|| dir_id(dir))
             .clone();
         self.set.contains_key(&d)
     }
+}
+
+/// A model card's largest size: a card is a page of YAML.
+pub const MAX_CARD_BYTES: u64 = 16 << 20;
+
+/// Reads `path`, a regular file (links followed) of at most `max` bytes. A device, a pipe or a
+/// folder where a file is expected is refused, not read until memory runs out or for ever.
+pub fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, crate::RuntimeError> {
+    let m = std::fs::metadata(path).map_err(|e| crate::RuntimeError::io(path, e))?;
+    if !m.is_file() {
+        return Err(crate::RuntimeError::file(path, file_kind(&m)));
+    }
+    if m.len() > max {
+        return Err(crate::RuntimeError::file(
+            path,
+            format!(
+                "{} bytes, more than such a file has ({max}); not read",
+                m.len()
+            ),
+        ));
+    }
+    std::fs::read(path).map_err(|e| crate::RuntimeError::io(path, e))
+}
+
+/// [`read_file`] as UTF-8 text.
+pub fn read_text(path: &Path, max: u64) -> Result<String, crate::RuntimeError> {
+    String::from_utf8(read_file(path, max)?)
+        .map_err(|_| crate::RuntimeError::file(path, "not UTF-8 text"))
+}
+
+/// What a path that is not a regular file is, for the message that refuses it.
+pub fn file_kind(m: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    let kind = if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else if t.is_dir() {
+        "a folder"
+    } else {
+        "not a regular file"
+    };
+    format!("{kind}, not a regular file; not read")
 }
 
 pub use davi_models::atomic::Temporary;
@@ -171,11 +267,15 @@ pub fn writer_alive(t: &Temporary, modified: std::time::SystemTime) -> bool {
     }
 }
 
-/// When process `pid` started (Linux: /proc/PID/stat's start time after /proc/stat's boot time).
+/// When process `pid` started (Linux: /proc/PID/stat's start time after /proc/stat's boot time);
+/// `None` when it is gone or a zombie (killed, not yet reaped: it writes nothing more).
 fn process_start(pid: u32) -> Option<std::time::SystemTime> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which may hold spaces and parentheses.
     let rest = &stat[stat.rfind(')')? + 2..];
+    if matches!(rest.split_whitespace().next(), Some("Z" | "X" | "x")) {
+        return None;
+    }
     let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
     let boot: u64 = std::fs::read_to_string("/proc/stat")
         .ok()?
@@ -263,6 +363,10 @@ mod tests {
         let p = Path::new(OsStr::from_bytes(b"a\nb\xff\\c.png"));
         assert_eq!(escape(p), "a\\nb\\xff\\\\c.png");
         assert_eq!(escape(Path::new("ok/é.png")), "ok/é.png");
+        assert_eq!(
+            escape(Path::new("evil\u{202e}gnp.exe")),
+            "evil\\u{202e}gnp.exe"
+        );
     }
 
     #[test]
@@ -284,8 +388,24 @@ mod tests {
         assert!(writer_alive(&elsewhere, std::time::UNIX_EPOCH));
         let dead = Temporary {
             pid: u32::MAX - 1,
-            ..me
+            ..me.clone()
         };
         assert!(!writer_alive(&dead, now));
+        // A killed writer that its parent has not reaped yet (a zombie) writes nothing more.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let zombie = Temporary {
+            pid: child.id(),
+            ..me
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while writer_alive(&zombie, std::time::SystemTime::now())
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!writer_alive(&zombie, std::time::SystemTime::now()));
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        assert!(stat.contains(") Z "), "not a zombie yet: {stat}");
+        child.wait().unwrap();
     }
 }

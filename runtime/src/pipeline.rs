@@ -174,7 +174,7 @@ fn list_inputs(opts: &RestoreOptions, report: &mut Report) -> Result<Vec<Job>, R
         .canonicalize()
         .map_err(|e| RuntimeError::io(input, e))?;
     // An output folder inside the input folder is not walked: its files are ours, not inputs.
-    let out_root = paths::canonical_dir(&opts.output);
+    let out_root = paths::dir_id(&opts.output);
     let mut jobs = Vec::new();
     let out_inside = std::cell::Cell::new(false);
     let walker = walkdir::WalkDir::new(input)
@@ -183,8 +183,7 @@ fn list_inputs(opts: &RestoreOptions, report: &mut Report) -> Result<Vec<Job>, R
         .into_iter()
         .filter_entry(|e| {
             // Only folders can be the output folder: files are not resolved.
-            let ours =
-                e.file_type().is_dir() && e.path().canonicalize().is_ok_and(|p| p == out_root);
+            let ours = e.file_type().is_dir() && paths::dir_id(e.path()) == out_root;
             if ours {
                 out_inside.set(true);
             }
@@ -271,14 +270,10 @@ fn list_inputs(opts: &RestoreOptions, report: &mut Report) -> Result<Vec<Job>, R
 
 /// What a non-regular file is, for its failure.
 fn file_kind(path: &Path) -> String {
-    use std::os::unix::fs::FileTypeExt;
-    let kind = match std::fs::metadata(path).map(|m| m.file_type()) {
-        Ok(t) if t.is_fifo() => "a FIFO",
-        Ok(t) if t.is_socket() => "a socket",
-        Ok(t) if t.is_block_device() || t.is_char_device() => "a device",
-        _ => "not a regular file",
-    };
-    format!("{kind}, not a regular file; not read")
+    match std::fs::metadata(path) {
+        Ok(m) => paths::file_kind(&m),
+        Err(_) => "not a regular file; not read".into(),
+    }
 }
 
 /// The output suffixes of one input: `""` alone, or with K samples each sample, `.std` and the
@@ -376,9 +371,7 @@ fn check_no_input_replaced(
             "refused: {msg}; nothing was written"
         )))
     };
-    if opts.input.is_dir()
-        && paths::canonical_dir(&opts.input) == paths::canonical_dir(&opts.output)
-    {
+    if opts.input.is_dir() && paths::dir_id(&opts.input) == paths::dir_id(&opts.output) {
         return refuse(format!(
             "the output folder {} is the input folder",
             paths::escape(&opts.output)
@@ -397,18 +390,15 @@ fn check_no_input_replaced(
     }
     // The input folder inside the output folder: an output that lands in it would be read back
     // as an input by the next run.
-    let in_root = opts
-        .input
-        .is_dir()
-        .then(|| paths::canonical_dir(&opts.input))
-        .filter(|r| r.starts_with(paths::canonical_dir(&opts.output)));
+    let in_root = (opts.input.is_dir() && paths::dir_within(&opts.input, &opts.output))
+        .then_some(opts.input.as_path());
     let sufs = suffixes(opts.samples);
     let mut out_dirs: HashMap<PathBuf, bool> = HashMap::new();
     for j in jobs.iter().filter(|j| j.problem.is_none()) {
         let plain = j.output(&opts.output, opts.format, "");
         let dir = plain.parent().unwrap_or(Path::new(".")).to_path_buf();
         if let Some(root) = &in_root {
-            if paths::canonical_dir(&dir).starts_with(root) {
+            if paths::dir_within(&dir, root) {
                 return refuse(format!(
                     "the output {} would land in the input folder {} (inside the output folder)",
                     paths::escape(&plain),
@@ -436,7 +426,7 @@ fn check_no_input_replaced(
     }
     if let Some(r) = report {
         // The output folder is made later: a report named as it is a folder too.
-        let is_output_dir = paths::canonical_dir(r) == paths::canonical_dir(&opts.output);
+        let is_output_dir = paths::dir_id(r) == paths::dir_id(&opts.output);
         // A link is written through (`write_named`): its target counts as the report too.
         let target = r.canonicalize().unwrap_or_else(|_| r.to_path_buf());
         let names_input = [r, target.as_path()]
@@ -631,6 +621,17 @@ pub fn restore(
         // not this run's to resume: that input fails with the reason.
         let names = suffixes(opts.samples);
         let beyond = format!(".sample{}", opts.samples.max(1));
+        // A name that is another input's output in this run (an input `b.sample1.png` beside
+        // `b.png`) is that input's, not a leftover of a run with more samples.
+        let ours: HashSet<PathBuf> = jobs
+            .iter()
+            .filter(|j| j.problem.is_none())
+            .flat_map(|j| {
+                names
+                    .iter()
+                    .map(|sfx| j.output(&opts.output, opts.format, sfx))
+            })
+            .collect();
         let mut mixed = Vec::new();
         todo.retain(|&i| {
             // A file with something in it (atomic writes never leave an empty or partial one);
@@ -639,7 +640,7 @@ pub fn restore(
                 std::fs::symlink_metadata(jobs[i].output(&opts.output, opts.format, sfx))
                     .is_ok_and(|m| m.is_file() && m.len() > 0)
             };
-            if has(&beyond) {
+            if has(&beyond) && !ours.contains(&jobs[i].output(&opts.output, opts.format, &beyond)) {
                 mixed.push(i);
                 return false;
             }
@@ -871,6 +872,16 @@ fn decode_stage(
                 let path = &jobs[i].path;
                 let r = images::load_limited(path, cy, None, opts.max_pixels).and_then(|m| {
                     let g = grid_of(&m, info, opts.overlap, opts.format)?;
+                    // The limit bounds the output too (x4 SR makes 16 times the pixels): one
+                    // image's canvas must not take the memory every other image needs.
+                    let (h, w) = (g.size.0 * g.scale, g.size.1 * g.scale);
+                    let out = h as u64 * w as u64;
+                    if out > opts.max_pixels {
+                        return Err(format!(
+                            "its output would be {w}x{h}, {out} pixels, more than --max-pixels {}; not restored",
+                            opts.max_pixels
+                        ));
+                    }
                     Ok((m, g))
                 });
                 (i, r)

@@ -103,7 +103,8 @@ pub fn compare(a: &ArrayD<f32>, b: &ArrayD<f32>, fp16: bool) -> Parity {
 
 /// Runs the parity file's inputs through `model` and compares with its `image` outputs.
 pub fn verify(model: &mut Model, parity: &Path, fp16: bool) -> Result<Parity, RuntimeError> {
-    let bytes = std::fs::read(parity).map_err(|e| RuntimeError::io(parity, e))?;
+    // A parity file holds a few images' tensors: megabytes, not gigabytes.
+    let bytes = crate::paths::read_file(parity, 1 << 30)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| RuntimeError::file(parity, format!("not a safetensors file: {e}")))?;
     let meas = read4(&st, "measurement", parity)?;

@@ -179,6 +179,18 @@ fn eval_never_writes_into_the_folders_it_scores() {
     let (code, _, err) = davi(&["eval", "--restored", "/nonexistent", "--reference", "b"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("no such folder"), "{err}");
+    // Two outputs naming one file (directly, or through a link) would replace each other.
+    std::fs::write(tmp.path().join("e.json"), b"kept").unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("e.json"), tmp.path().join("same.md")).unwrap();
+    for args in [
+        &["--json", "e.json", "--csv", "e.json"][..],
+        &["--json", "e.json", "--markdown", "same.md"],
+    ] {
+        let (code, err) = eval(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains("named by two outputs"), "{err}");
+    }
+    assert_eq!(std::fs::read(tmp.path().join("e.json")).unwrap(), b"kept");
 }
 
 #[test]
@@ -306,6 +318,197 @@ fn skip_existing_counts_only_files_a_run_could_have_written() {
     let (code, _, err) = restore(&model, &inp, &out, &["--skip-existing"]);
     assert_eq!((code, counts(&err)), (0, (1, 3, 2, 0)), "{err}");
     assert_eq!(tree(&out), tree(&full));
+}
+
+/// An input named like another input's sample (`b.sample1.png` beside `b.png`) is that input's
+/// output on a rerun with `--skip-existing`, not a leftover of a run with more samples.
+#[test]
+fn skip_existing_tells_a_sibling_input_from_a_leftover_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    let files = write_images(&inp, 2, 32);
+    std::fs::rename(&files[0], inp.join("b.png")).unwrap();
+    std::fs::rename(&files[1], inp.join("b.sample1.png")).unwrap();
+    let out = tmp.path().join("out");
+    assert_eq!(restore(&model, &inp, &out, &[]).0, 0);
+    let done = tree(&out);
+    let (code, _, err) = restore(&model, &inp, &out, &["--skip-existing"]);
+    assert_eq!((code, counts(&err)), (0, (0, 2, 2, 0)), "{err}");
+    assert_eq!(tree(&out), done);
+    // A true leftover of a run with more samples still fails that input, saying why.
+    let out2 = tmp.path().join("out2");
+    std::fs::create_dir_all(&out2).unwrap();
+    std::fs::copy(out.join("b.png"), out2.join("b.sample1.png")).unwrap();
+    std::fs::remove_file(inp.join("b.sample1.png")).unwrap();
+    let (code, _, err) = restore(&model, &inp, &out2, &["--skip-existing"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("more than --samples 1"), "{err}");
+}
+
+/// One folder reached by two paths that no symlink joins (a bind mount; a container given one
+/// host folder as two volumes) is one folder: restore and degrade refuse to write their outputs
+/// over the inputs there. Needs a mount namespace (`unshare -m`, or `-rm` without root).
+#[test]
+fn a_bind_mount_of_the_input_folder_is_the_input_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let x = tmp.path().join("x");
+    write_images(&x, 2, 32);
+    let v = tmp.path().join("v");
+    std::fs::create_dir_all(&v).unwrap();
+    let before = tree(&x);
+    let ns = ["-m", "-rm"]
+        .into_iter()
+        .find(|f| {
+            std::process::Command::new("unshare")
+                .args([f, "true"])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .expect("unshare -m or -rm: this test needs a mount namespace");
+    let (d, m, x, v) = (
+        bin("davi"),
+        model.display().to_string(),
+        x.display().to_string(),
+        v.display().to_string(),
+    );
+    let d = d.display();
+    let script = format!(
+        "mount --bind {x} {v} || exit 99
+         {d} restore -m {m} -i {x} -o {v}; echo restore=$?
+         {d} degrade --task denoise -i {x} -o {v}; echo degrade=$?
+         {d} restore -m {m} -i {x} -o {v}/sub; echo nested=$?"
+    );
+    let o = std::process::Command::new("unshare")
+        .args([ns, "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        out.contains("restore=2") && out.contains("degrade=2"),
+        "{out}{err}"
+    );
+    assert_eq!(err.matches("refused").count(), 2, "{err}");
+    // Into a new folder under the mount (inside the input folder): allowed, and that folder is
+    // not read back as inputs.
+    assert!(out.contains("nested=0"), "{out}{err}");
+    let mut after = tree(Path::new(&x));
+    let sub: Vec<String> = after
+        .keys()
+        .filter(|k| k.starts_with("sub/"))
+        .cloned()
+        .collect();
+    assert_eq!(sub.len(), 2, "{sub:?}");
+    for k in sub {
+        after.remove(&k);
+    }
+    assert_eq!(after, before, "an input changed");
+}
+
+/// `bench --json` never replaces the model or an input, every argument is checked before the
+/// first timed run, and images that fail in the end-to-end restore are named and fail the run.
+#[test]
+fn bench_checks_its_arguments_first_and_names_failures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    let files = write_images(&inp, 2, 32);
+    std::fs::write(inp.join("bad.png"), b"not a png").unwrap();
+    let (m, i) = (model.to_str().unwrap(), inp.to_str().unwrap());
+    let model_bytes = std::fs::read(&model).unwrap();
+    let input_bytes = std::fs::read(&files[0]).unwrap();
+    // `davi bench -m M --batch 1 ARGS`.
+    let bench = |args: &[&str]| davi(&[&["bench", "-m", m, "--batch", "1"], args].concat());
+    let under_input = inp.join("figures.json").display().to_string();
+    for (json, what) in [
+        (m, "the model"),
+        (files[0].to_str().unwrap(), "an input"),
+        (under_input.as_str(), "under --input"),
+    ] {
+        let (code, _, err) = bench(&["--seconds", "0.1", "-i", i, "--json", json]);
+        assert_eq!(code, 2, "{what}: {err}");
+        assert!(err.contains("refused"), "{what}: {err}");
+    }
+    assert_eq!(std::fs::read(&model).unwrap(), model_bytes);
+    assert_eq!(std::fs::read(&files[0]).unwrap(), input_bytes);
+    for bad in [
+        &["--seconds", "nan"][..],
+        &["--seconds", "1e300"],
+        &["--restore-batch", "0"],
+        &["--overlap", "0.95"],
+        &["-i", "/nonexistent/folder"],
+    ] {
+        let (code, out, err) = bench(bad);
+        assert_eq!(code, 2, "{bad:?}: {err}");
+        assert!(
+            err.contains(bad[0].trim_start_matches('-')) || err.contains(bad[1]),
+            "{bad:?}: {err}"
+        );
+        assert!(
+            !out.contains("bare session"),
+            "{bad:?}: ran before refusing: {out}"
+        );
+    }
+    let json = tmp.path().join("figures.json");
+    let json = json.to_str().unwrap();
+    let (code, out, err) = bench(&[
+        "--seconds",
+        "0.1",
+        "-i",
+        i,
+        "--restore-batch",
+        "2",
+        "--json",
+        json,
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(out.contains("(2 images, 1 failed)"), "{out}");
+    assert!(err.contains("bad.png"), "{err}");
+    assert!(Path::new(json).is_file());
+}
+
+/// A device, a pipe or a folder where a card or a parity file is expected is refused by name,
+/// not read until memory runs out or for ever.
+#[test]
+fn cards_and_parity_files_must_be_regular_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("card.yaml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    for (args, path) in [
+        (vec!["cards", "/dev/zero"], "/dev/zero"),
+        (
+            vec!["cards", fifo.to_str().unwrap()],
+            fifo.to_str().unwrap(),
+        ),
+    ] {
+        let (code, _, err) = davi(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains(path) && err.contains("not a regular file"),
+            "{err}"
+        );
+    }
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let (code, _, err) = davi(&[
+        "verify",
+        "-m",
+        model.to_str().unwrap(),
+        "--parity",
+        "/dev/zero",
+    ]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("/dev/zero") && err.contains("a device"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -766,6 +969,24 @@ fn limits_are_refused_with_a_message() {
     );
     assert_eq!(code, 1, "{err}");
     assert_eq!(counts(&err), (0, 2, 0, 2), "{err}");
+    // The limit bounds an output too: x4 super-resolution of a 40x40 image is 160x160 px.
+    let sr = random_model(&tmp.path().join("sr"), "sr");
+    let small = tmp.path().join("small");
+    write_images(&small, 2, 8);
+    let (code, _, err) = restore(&sr, &small, &tmp.path().join("o5"), &[]);
+    assert_eq!(code, 0, "{err}");
+    image::GrayImage::from_pixel(40, 40, image::Luma([90]))
+        .save(small.join("big.png"))
+        .unwrap();
+    let (code, _, err) = restore(
+        &sr,
+        &small,
+        &tmp.path().join("o6"),
+        &["--max-pixels", "10000"],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(counts(&err), (2, 3, 0, 1), "{err}");
+    assert!(err.contains("big.png") && err.contains("160x160"), "{err}");
     // What the machine cannot hold.
     let (code, _, err) = restore(
         &model,
