@@ -159,8 +159,14 @@ impl DaviConfig {
         if let Some(task) = &self.task {
             task.operator
                 .validate(self.unet.in_channels, self.unet.image_size)?;
-            if task.sigma_y < 0.0 || task.h < 0.0 {
-                return Err(Error::Config("sigma_y and h must be >= 0".into()));
+            // Finite and in range: a NaN compares false with everything, and a sigma_y of
+            // 1e30 drowns any image.
+            let ok = |v: f64| v.is_finite() && (0.0..=10.0).contains(&v);
+            if !ok(task.sigma_y) || !ok(task.h) {
+                return Err(Error::Config(format!(
+                    "task.sigma_y {} and task.h {} must be finite, in [0, 10] (images are on [-1, 1])",
+                    task.sigma_y, task.h
+                )));
             }
         }
         if self.unet.out_channels != self.unet.in_channels
@@ -230,8 +236,10 @@ pub struct EvalTable {
     pub n: usize,
     /// DAVI, one evaluation.
     pub davi: EvalRow,
-    /// DPS with the same prior.
-    pub dps: EvalRow,
+    /// DPS with the same prior, when run (an evaluation with `--dps-n 0` has no DPS row, not a
+    /// row of NaN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dps: Option<EvalRow>,
     /// The lifted measurement itself.
     pub lifted: EvalRow,
     /// DPS's step size in this evaluation.
@@ -272,7 +280,7 @@ impl EvalTable {
         match m {
             "lifted" => Some(&self.lifted),
             "davi" => Some(&self.davi),
-            "dps" => Some(&self.dps),
+            "dps" => self.dps.as_ref(),
             "ddrm" => self.ddrm.as_ref(),
             "supervised" => self.supervised.as_ref(),
             _ => None,
@@ -570,7 +578,7 @@ mod tests {
             eval: Some(EvalTable {
                 n: 1000,
                 davi: row(Some(1000), 27.5),
-                dps: row(Some(0), f64::NAN),
+                dps: Some(row(Some(0), f64::NAN)),
                 lifted: row(Some(1000), 26.0),
                 dps_zeta: None,
                 paired: Some(PairedTable {

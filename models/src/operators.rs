@@ -85,7 +85,7 @@ impl Operator {
         let bad = |m: String| Err(crate::Error::Config(m));
         match *self {
             Operator::Deblur { kernel_size, sigma } => {
-                if kernel_size % 2 == 0 || kernel_size == 0 || sigma <= 0.0 {
+                if kernel_size % 2 == 0 || kernel_size == 0 || !(sigma.is_finite() && sigma > 0.0) {
                     return bad(format!(
                         "deblur needs an odd kernel_size and sigma > 0, got {kernel_size}, {sigma}"
                     ));
@@ -97,9 +97,9 @@ impl Operator {
                 }
             }
             Operator::Inpaint { box_size } => {
-                if box_size > s {
+                if box_size > s || box_size == 0 {
                     return bad(format!(
-                        "inpaint box {box_size} is larger than the image ({s})"
+                        "inpaint box {box_size}: at least 1 px and at most the image ({s})"
                     ));
                 }
             }

@@ -93,8 +93,14 @@ impl UNetConfig {
     /// Checks the invariants the reference assumes.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.channel_mult.is_empty() {
-            return bad("channel_mult is empty".into());
+        if self.channel_mult.is_empty() || self.channel_mult.contains(&0) {
+            return bad(format!(
+                "channel_mult {:?}: one or more levels, each at least 1",
+                self.channel_mult
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout {}: a probability in [0, 1)", self.dropout));
         }
         let down = 1usize << (self.channel_mult.len() - 1);
         if !self.image_size.is_multiple_of(down) {

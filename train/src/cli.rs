@@ -3,9 +3,9 @@
 
 use crate::data::Split;
 use crate::{backend, checkpoint, device, TchBackend};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use davi_models::{DaviConfig, Implicit, UNetConfig, UNetModel};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tch::Device;
 
@@ -320,8 +320,54 @@ pub struct SampleArgs {
     pub device: Device,
 }
 
+/// Refuses, before any work, an output that would replace what the command reads: `out` naming
+/// one of `files` (directly, or through a link), or, for a folder output, `out` and one of
+/// `dirs` (the data set's folders) lying one in the other.
+fn refuse_replacing(flag: &str, out: &Path, files: &[&Path], dirs: &[PathBuf]) -> Result<()> {
+    use davi_runtime::paths::{dir_within, Entries};
+    let resolved = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let mut inputs = Entries::default();
+    for f in files {
+        inputs.insert(&resolved(f));
+    }
+    if inputs.contains(&resolved(out)) {
+        bail!(
+            "refused: {flag} {} is a file this command reads; nothing was written",
+            out.display()
+        );
+    }
+    for d in dirs.iter().filter(|d| d.is_dir()) {
+        if dir_within(out, d) || dir_within(d, out) {
+            bail!(
+                "refused: {flag} {} overlaps the data set's folder {}; nothing was written",
+                out.display(),
+                d.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The folders a config's data set is read from.
+fn data_dirs(cfg: &DaviConfig) -> Vec<PathBuf> {
+    use davi_models::card::DataConfig;
+    match &cfg.data {
+        Some(DataConfig::FashionMnist { dir, .. }) | Some(DataConfig::Folder { dir, .. }) => {
+            vec![PathBuf::from(dir)]
+        }
+        Some(DataConfig::Photos {
+            dir, extra_dirs, ..
+        }) => std::iter::once(dir)
+            .chain(extra_dirs)
+            .map(PathBuf::from)
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
 /// `davi-train forward`.
 pub fn forward(a: ForwardArgs) -> Result<ExitCode> {
+    refuse_replacing("-o", &a.output, &[&a.config, &a.weights, &a.inputs], &[])?;
     let unet = UNetModel::new(&UNetConfig::from_file(&a.config)?)?;
     let params = checkpoint::load_params(&a.weights, unet.param_shapes(), None, a.device)?;
     let io = checkpoint::load_tensors(&a.inputs, a.device)?;
@@ -371,10 +417,34 @@ pub fn davi(a: DaviArgs) -> Result<ExitCode> {
 
 /// `davi-train export`: the model, its parity fixtures, and their check on ONNX Runtime.
 pub fn export(a: ExportArgs) -> Result<ExitCode> {
+    let inputs = [a.checkpoint.as_path(), a.config.as_path()];
+    refuse_replacing("-o", &a.output, &inputs, &[])?;
+    let parity_out = crate::export::parity_path(&a.output);
+    refuse_replacing("-o (its parity file)", &parity_out, &inputs, &[])?;
+    if a.k == 0 || a.static_batch == Some(0) {
+        bail!("-k and --static-batch: at least 1");
+    }
+    // Written and verified in a staging folder beside the output, and moved into place only
+    // when parity passes: a failed export leaves the existing model as it was.
+    let name = a
+        .output
+        .file_name()
+        .with_context(|| format!("-o {}: not a file path", a.output.display()))?;
+    let parent = match a.output.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("{}: cannot create", parent.display()))?;
+    let stage = tempfile::Builder::new()
+        .prefix(".davi-export-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("{}: cannot write in it", parent.display()))?;
+    let staged = stage.path().join(name);
     let args = crate::export::ExportArgs {
         checkpoint: a.checkpoint,
         config: a.config,
-        output: a.output.clone(),
+        output: staged.clone(),
         options: davi_export::ExportOptions {
             opset: a.opset,
             static_batch: a.static_batch,
@@ -390,8 +460,9 @@ pub fn export(a: ExportArgs) -> Result<ExitCode> {
         ort_lib: a.ort_lib,
         ..Default::default()
     };
-    let mut m = davi_runtime::Model::load(&a.output, &opts)?;
+    let mut m = davi_runtime::Model::load(&staged, &opts)?;
     let p = davi_runtime::verify::verify(&mut m, &parity, a.fp16)?;
+    drop(m);
     println!(
         "parity on the CPU EP: {} (max |diff| {:.3e}, PSNR {:.1} dB; {})",
         if p.pass { "PASS" } else { "FAIL" },
@@ -399,19 +470,54 @@ pub fn export(a: ExportArgs) -> Result<ExitCode> {
         p.psnr_db,
         p.criterion
     );
-    Ok(if p.pass {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    if !p.pass {
+        eprintln!(
+            "davi-train: parity failed: {} not written (an existing one is unchanged)",
+            a.output.display()
+        );
+        return Ok(ExitCode::from(1));
+    }
+    // The model (and its external data) and the parity file, each renamed into place.
+    let mut staged_files: Vec<PathBuf> = std::fs::read_dir(stage.path())?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    staged_files.sort();
+    for f in staged_files {
+        let to = parent.join(f.file_name().expect("a staged file"));
+        std::fs::rename(&f, &to).with_context(|| format!("{}: cannot write", to.display()))?;
+    }
+    println!(
+        "wrote {} and {}",
+        a.output.display(),
+        crate::export::parity_path(&a.output).display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `davi-train eval`.
 pub fn eval(a: EvalArgs) -> Result<ExitCode> {
+    // Every argument checked before minutes of sampling.
+    if a.n == 0 || a.batch == 0 {
+        bail!("-n and --batch: at least 1");
+    }
+    if a.dps_n > 0 && a.dps_steps == 0 {
+        bail!("--dps-steps: at least 1 when DPS runs (--dps-n > 0)");
+    }
+    if let Some(z) = a.dps_zeta {
+        if !(z.is_finite() && z > 0.0) {
+            bail!("--dps-zeta {z}: a finite step size above 0");
+        }
+    }
+    let cfg = DaviConfig::from_file(&a.config)?;
+    let mut inputs = vec![a.checkpoint.as_path(), a.config.as_path()];
+    inputs.extend(a.card.as_deref());
+    inputs.extend(a.teacher.as_deref());
+    inputs.extend(a.features.as_deref());
+    inputs.extend(a.supervised.as_deref());
+    refuse_replacing("-o", &a.output, &inputs, &data_dirs(&cfg))?;
     let dps_zeta = match a.dps_zeta {
         Some(z) => z,
         None => {
-            let cfg = DaviConfig::from_file(&a.config)?;
             let teacher = crate::tune::teacher_path(&cfg, a.teacher.as_deref())?;
             tuned_zeta(a.card.as_deref(), &crate::tune::file_sha256(&teacher)?)?.unwrap_or(1.0)
         }
@@ -584,6 +690,9 @@ pub fn describe(a: DescribeArgs) -> Result<ExitCode> {
 
 /// `davi-train import`.
 pub fn import(a: ImportArgs) -> Result<ExitCode> {
+    let mut inputs = vec![a.input.as_path()];
+    inputs.extend(a.config.as_deref());
+    refuse_replacing("-o", &a.output, &inputs, &[])?;
     let n = crate::pt::import(&a.input, &a.output, a.config.as_deref(), a.half)?;
     eprintln!("wrote {n} tensors to {}", a.output.display());
     Ok(ExitCode::SUCCESS)
@@ -592,6 +701,7 @@ pub fn import(a: ImportArgs) -> Result<ExitCode> {
 /// `davi-train images`.
 pub fn images(a: ImagesArgs) -> Result<ExitCode> {
     let cfg = DaviConfig::from_file(&a.config)?;
+    refuse_replacing("-o", &a.output, &[&a.config], &data_dirs(&cfg))?;
     if a.whole {
         let Some(davi_models::card::DataConfig::Photos {
             dir,
@@ -656,6 +766,7 @@ pub fn images(a: ImagesArgs) -> Result<ExitCode> {
 /// convolutions) filled with small random values instead, so that every parameter matters.
 pub fn init(a: InitArgs) -> Result<ExitCode> {
     use rand::{Rng, SeedableRng};
+    refuse_replacing("-o", &a.output, &[&a.config], &[])?;
     let ucfg = unet_config(&a.config)?;
     let unet = UNetModel::new(&ucfg)?;
     let params = crate::params::ParamSet::init(&unet, a.seed, Device::Cpu);
@@ -719,6 +830,10 @@ pub fn classifier(a: ClassifierArgs) -> Result<ExitCode> {
 
 /// `davi-train sample`.
 pub fn sample(a: SampleArgs) -> Result<ExitCode> {
+    refuse_replacing("-o", &a.output, &[&a.config, &a.checkpoint], &[])?;
+    if a.n == 0 {
+        bail!("-n: at least 1 sample");
+    }
     let cfg = DaviConfig::from_file(&a.config)?;
     let unet = UNetModel::new(&cfg.unet)?;
     let d = davi_models::schedule::Diffusion::new(cfg.diffusion.schedule, cfg.diffusion.steps);
@@ -726,6 +841,14 @@ pub fn sample(a: SampleArgs) -> Result<ExitCode> {
         if s != d.steps() {
             anyhow::bail!(
                 "--steps {s}: ancestral sampling runs the schedule's own {} steps; use --ddim for fewer",
+                d.steps()
+            );
+        }
+    }
+    if let Some(k) = a.ddim {
+        if k == 0 || k > d.steps() {
+            bail!(
+                "--ddim {k}: between 1 and the schedule's {} steps",
                 d.steps()
             );
         }

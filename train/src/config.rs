@@ -195,12 +195,157 @@ pub fn ikl_steps(
     }
 }
 
-/// The typed `train:` section of `cfg` (defaults when absent).
+/// The typed `train:` section of `cfg` (defaults when absent), its values checked.
 pub fn train_config(cfg: &DaviConfig) -> Result<TrainConfig> {
-    match &cfg.train {
-        None => Ok(TrainConfig::default()),
+    let t: TrainConfig = match &cfg.train {
+        None => TrainConfig::default(),
         Some(v) => serde_yaml::from_value(v.clone())
-            .with_context(|| format!("config '{}': bad train section", cfg.name)),
+            .with_context(|| format!("config '{}': bad train section", cfg.name))?,
+    };
+    t.check()
+        .with_context(|| format!("config '{}': bad train section", cfg.name))?;
+    Ok(t)
+}
+
+/// `Err` naming `field` unless `ok`.
+fn need(ok: bool, field: &str, value: impl std::fmt::Display, what: &str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        anyhow::bail!("{field}: {value}: {what}")
+    }
+}
+
+impl TrainConfig {
+    /// Every value in its range, so that a bad one is an error before any step, not a NaN
+    /// loss, a panic or a silent no-op hours later.
+    pub fn check(&self) -> Result<()> {
+        let finite_pos = |v: f64| v.is_finite() && v > 0.0;
+        let finite_nonneg = |v: f64| v.is_finite() && v >= 0.0;
+        let decay = |v: f64| (0.0..1.0).contains(&v);
+        if let Some(p) = &self.prior {
+            need(
+                p.batch_size > 0,
+                "train.prior.batch_size",
+                p.batch_size,
+                "at least 1",
+            )?;
+            need(
+                finite_pos(p.lr),
+                "train.prior.lr",
+                p.lr,
+                "a finite value above 0",
+            )?;
+            need(
+                finite_nonneg(p.weight_decay),
+                "train.prior.weight_decay",
+                p.weight_decay,
+                "finite, at least 0",
+            )?;
+            need(decay(p.ema), "train.prior.ema", p.ema, "a decay in [0, 1)")?;
+            need(
+                finite_nonneg(p.grad_clip),
+                "train.prior.grad_clip",
+                p.grad_clip,
+                "finite, at least 0 (0: off)",
+            )?;
+            need(p.steps > 0, "train.prior.steps", p.steps, "at least 1")?;
+            need(
+                p.checkpoint_every > 0,
+                "train.prior.checkpoint_every",
+                p.checkpoint_every,
+                "at least 1",
+            )?;
+            need(p.keep > 0, "train.prior.keep", p.keep, "at least 1")?;
+        }
+        if let Some(d) = &self.davi {
+            need(
+                d.batch_size > 0,
+                "train.davi.batch_size",
+                d.batch_size,
+                "at least 1",
+            )?;
+            need(
+                finite_pos(d.lr),
+                "train.davi.lr",
+                d.lr,
+                "a finite value above 0",
+            )?;
+            need(
+                finite_nonneg(d.weight_decay),
+                "train.davi.weight_decay",
+                d.weight_decay,
+                "finite, at least 0",
+            )?;
+            need(decay(d.ema), "train.davi.ema", d.ema, "a decay in [0, 1)")?;
+            need(d.steps > 0, "train.davi.steps", d.steps, "at least 1")?;
+            need(
+                finite_nonneg(d.weight_con),
+                "train.davi.weight_con",
+                d.weight_con,
+                "finite, at least 0",
+            )?;
+            need(
+                finite_nonneg(d.reg_coeff),
+                "train.davi.reg_coeff",
+                d.reg_coeff,
+                "finite, at least 0",
+            )?;
+            need(
+                finite_nonneg(d.grad_clip),
+                "train.davi.grad_clip",
+                d.grad_clip,
+                "finite, at least 0 (0: off)",
+            )?;
+            need(
+                d.checkpoint_every > 0,
+                "train.davi.checkpoint_every",
+                d.checkpoint_every,
+                "at least 1",
+            )?;
+            need(d.keep > 0, "train.davi.keep", d.keep, "at least 1")?;
+            need(
+                d.validate_every == 0 || d.validate_n > 0,
+                "train.davi.validate_n",
+                d.validate_n,
+                "at least 1 when validate_every is set",
+            )?;
+            if let Some(g) = &d.gan {
+                need(
+                    finite_nonneg(g.weight),
+                    "train.davi.gan.weight",
+                    g.weight,
+                    "finite, at least 0",
+                )?;
+                need(
+                    finite_nonneg(g.lr),
+                    "train.davi.gan.lr",
+                    g.lr,
+                    "finite, at least 0 (0: that of I_phi)",
+                )?;
+                let (lo, hi) = g.weight_clip;
+                need(
+                    lo.is_finite() && hi.is_finite() && 0.0 <= lo && lo <= hi,
+                    "train.davi.gan.weight_clip",
+                    format!("[{lo}, {hi}]"),
+                    "finite [low, high] with 0 <= low <= high",
+                )?;
+                let (b1, b2) = g.betas;
+                need(
+                    decay(b1) && decay(b2),
+                    "train.davi.gan.betas",
+                    format!("[{b1}, {b2}]"),
+                    "each in [0, 1)",
+                )?;
+                need(
+                    g.layers > 0 && g.ndf > 0,
+                    "train.davi.gan.layers / ndf",
+                    format!("{} / {}", g.layers, g.ndf),
+                    "at least 1",
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 

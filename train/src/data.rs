@@ -339,9 +339,15 @@ impl Dataset {
                 )
             }
             DataConfig::Folder { dir } => {
-                let files: Vec<PathBuf> = list_images(Path::new(dir))?
+                // Split by the path inside the folder: a data set moved or copied elsewhere
+                // keeps its split (by the full path, each copy had another test set).
+                let root = Path::new(dir);
+                let files: Vec<PathBuf> = list_images(root)?
                     .into_iter()
-                    .filter(|p| (path_bucket(p) < 5) == (split == Split::Test))
+                    .filter(|p| {
+                        let rel = p.strip_prefix(root).unwrap_or(p);
+                        (path_bucket(rel) < 5) == (split == Split::Test)
+                    })
                     .collect();
                 if files.is_empty() {
                     bail!("{dir}: no images for the {split:?} split");
@@ -477,6 +483,30 @@ pub fn write_images(ds: &Dataset, n: usize, out: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A folder's split depends on the paths inside it only: the same images in two places
+    /// have the same test set.
+    #[test]
+    fn a_folder_keeps_its_split_wherever_it_lies() {
+        let tmp = tempfile::tempdir().unwrap();
+        let test_batch = |dir: &Path| {
+            std::fs::create_dir_all(dir).unwrap();
+            for i in 0..40u8 {
+                image::GrayImage::from_pixel(8, 8, image::Luma([i * 6]))
+                    .save(dir.join(format!("{i:02}.png")))
+                    .unwrap();
+            }
+            let cfg = DataConfig::Folder {
+                dir: dir.display().to_string(),
+            };
+            let ds = Dataset::open(&cfg, Split::Test, 1, 8, false).unwrap();
+            ds.batch(&(0..ds.len).collect::<Vec<_>>()).unwrap()
+        };
+        let a = test_batch(&tmp.path().join("a"));
+        let b = test_batch(&tmp.path().join("elsewhere/b"));
+        assert!(!a.is_empty());
+        assert_eq!(a, b);
+    }
 
     #[test]
     fn batches_are_deterministic_and_cover_an_epoch() {

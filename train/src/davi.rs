@@ -44,6 +44,13 @@ pub fn supervised_control(mut cfg: DaviConfig) -> Result<DaviConfig> {
         return Ok(cfg);
     }
     cfg.name = format!("{}-supervised", cfg.name);
+    set_davi_field(&mut cfg, "supervised", true.into())?;
+    Ok(cfg)
+}
+
+/// Sets `train.davi.<key>` of `cfg`: what the command line overrides becomes part of the run's
+/// config (its `config.yaml` and its hash), so a resume with another value is refused.
+fn set_davi_field(cfg: &mut DaviConfig, key: &str, value: serde_yaml::Value) -> Result<()> {
     let train = cfg
         .train
         .get_or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
@@ -54,8 +61,8 @@ pub fn supervised_control(mut cfg: DaviConfig) -> Result<DaviConfig> {
         .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
     davi.as_mapping_mut()
         .ok_or_else(|| anyhow::anyhow!("train.davi: not a mapping"))?
-        .insert("supervised".into(), true.into());
-    Ok(cfg)
+        .insert(key.into(), value);
+    Ok(())
 }
 
 /// The loss terms of one `I_phi` step.
@@ -467,6 +474,7 @@ impl Trainee for Trainer {
             })?);
         }
         let out = Tensor::cat(&outs, 0);
+        crate::eval::check_finite("validation: the EMA model", &out)?;
         Ok(Some(crate::eval::mean_psnr_ssim(&out, x0).0))
     }
 }
@@ -499,12 +507,12 @@ pub fn train(args: &DaviArgs) -> Result<PathBuf> {
     if args.supervised {
         cfg = supervised_control(cfg)?;
     }
+    if let Some(t) = &args.teacher {
+        set_davi_field(&mut cfg, "teacher", t.display().to_string().into())?;
+    }
     let mut hp = train_config(&cfg)?.davi.unwrap_or_default();
     if let Some(s) = args.steps {
         hp.steps = s;
-    }
-    if let Some(t) = &args.teacher {
-        hp.teacher = t.display().to_string();
     }
     if hp.teacher.is_empty() {
         bail!(

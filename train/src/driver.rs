@@ -139,12 +139,17 @@ pub fn drive(
             let x0 = Tensor::from_slice(&batch)
                 .reshape([sched.batch_size as i64, c, s, s])
                 .to_device(sched.device);
-            let mut row = t.step(&x0, step).with_context(|| {
-                format!(
-                    "stopping; the last good checkpoint in {} is kept",
-                    dir.display()
-                )
-            })?;
+            let kept = || {
+                if dir.join("state.json").exists() {
+                    format!(
+                        "stopping; the last good checkpoint in {} is kept",
+                        dir.display()
+                    )
+                } else {
+                    format!("stopping; {} has no checkpoint yet", dir.display())
+                }
+            };
+            let mut row = t.step(&x0, step).with_context(kept)?;
             step += 1;
             let sps = (step - start) as f64 / t0.elapsed().as_secs_f64();
             bar.set_position(step as u64);
@@ -157,12 +162,19 @@ pub fn drive(
             }
             let stop = run.stop_requested();
             if step % sched.checkpoint_every == 0 || step == sched.steps || stop {
-                run.checkpoint(
-                    step,
-                    &t.named(),
-                    hash,
-                    seconds0 + t0.elapsed().as_secs_f64(),
-                )?;
+                // A step whose loss was finite can still leave NaN weights (a NaN learning
+                // rate): they are never written as a checkpoint to resume from.
+                let named = t.named();
+                if let Some((name, _)) = named
+                    .iter()
+                    .find(|(_, v)| v.isfinite().logical_not().any().int64_value(&[]) != 0)
+                {
+                    return Err(anyhow::anyhow!(
+                        "step {step}: {name} holds NaN or infinity; not checkpointed"
+                    ))
+                    .with_context(kept);
+                }
+                run.checkpoint(step, &named, hash, seconds0 + t0.elapsed().as_secs_f64())?;
                 if last_plot.elapsed().as_secs() > 60 || step == sched.steps || stop {
                     run.plot()?;
                     last_plot = Instant::now();

@@ -9,7 +9,7 @@ use crate::davi::measure;
 use crate::ddrm::{self, Ddrm, Svd};
 use crate::dps::{self, Dps};
 use crate::{checkpoint, plot, run::write_atomic};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use davi_models::card::{DataConfig, EvalRow, EvalTable, ModelCard, PairedTable};
 use davi_models::metrics::{mean_ci95, psnr, ssim};
 use davi_models::schedule::Diffusion;
@@ -143,6 +143,23 @@ pub struct Paired {
     pub supervised: MethodScores,
 }
 
+/// An error naming `what` when its outputs hold NaN or infinity: a broken model or a diverged
+/// sampler is not scored (PSNR of NaN would read as anything).
+pub fn check_finite(what: &str, out: &Tensor) -> Result<()> {
+    let bad = out
+        .isfinite()
+        .logical_not()
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    if bad > 0 {
+        bail!(
+            "{what}: {bad} of {} output values are NaN or infinite; not scored",
+            out.numel()
+        );
+    }
+    Ok(())
+}
+
 fn scores(pred: &Array4<f32>, truth: &Array4<f32>, nfe: usize, secs: f64) -> MethodScores {
     let n = pred.shape()[0];
     let to01 = |a: ndarray::ArrayView3<f32>| a.mapv(|v| (v.clamp(-1.0, 1.0) + 1.0) / 2.0);
@@ -151,7 +168,9 @@ fn scores(pred: &Array4<f32>, truth: &Array4<f32>, nfe: usize, secs: f64) -> Met
     for i in 0..n {
         let a = to01(pred.slice(s![i, .., .., ..]));
         let b = to01(truth.slice(s![i, .., .., ..]));
-        p.push(psnr(a.view(), b.view()).min(100.0));
+        // Identical images cap at 100 dB; a NaN stays NaN (`NaN.min(100)` would be 100).
+        let v = psnr(a.view(), b.view());
+        p.push(if v.is_nan() { v } else { v.min(100.0) });
         q.push(ssim(a.view(), b.view()));
     }
     let (pm, pc) = mean_ci95(&p);
@@ -277,6 +296,7 @@ fn run_dps(
     }
     let secs = t.elapsed().as_secs_f64();
     let o = Tensor::cat(&outs, 0);
+    check_finite(&format!("DPS (zeta {})", args.dps_zeta), &o)?;
     let truth = arr4(&run.x.narrow(0, 0, dps_n as i64));
     Ok((scores(&arr4(&o), &truth, nfe, secs), o))
 }
@@ -319,6 +339,7 @@ fn run_ddrm(
     let o = Tensor::cat(&outs, 0);
     let _ = o.sum(Kind::Float).double_value(&[]); // synchronise before timing
     let secs = t.elapsed().as_secs_f64();
+    check_finite("DDRM", &o)?;
     Ok((scores(&arr4(&o), &arr4(&run.x), nfe, secs), o))
 }
 
@@ -402,6 +423,7 @@ fn run_supervised(
     let o = Tensor::cat(&outs, 0);
     let _ = o.sum(Kind::Float).double_value(&[]); // synchronise before timing
     let secs = t.elapsed().as_secs_f64();
+    check_finite("the supervised control", &o)?;
     Ok((scores(&arr4(&o), &arr4(&run.x), 1, secs), o))
 }
 
@@ -510,6 +532,7 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
         task.sigma_y,
         args.device,
     )?;
+    check_finite("DAVI", &run.restored)?;
     let truth = arr4(&run.x);
     let davi = scores(&arr4(&run.restored), &truth, 1, run.seconds);
     let lifted = scores(&arr4(&run.lifted), &truth, 0, 0.0);
@@ -816,7 +839,7 @@ fn update_card(path: &Path, run_dir: &Path, cfg: &DaviConfig, r: &Report) -> Res
     card.eval = Some(EvalTable {
         n: r.davi.n,
         davi: row(&r.davi),
-        dps: row(&r.dps),
+        dps: (r.dps.n > 0).then(|| row(&r.dps)),
         lifted: row(&r.lifted),
         dps_zeta: (r.dps.n > 0).then_some(r.dps_zeta),
         ddrm: (r.ddrm.n > 0).then(|| row(&r.ddrm)),

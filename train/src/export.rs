@@ -115,6 +115,10 @@ pub fn export(args: &ExportArgs) -> Result<PathBuf> {
     });
     tch::set_num_threads(threads);
     let (y, z, out) = computed?;
+    crate::eval::check_finite(
+        &format!("{}: the exported weights", args.checkpoint.display()),
+        &out,
+    )?;
     let parity = parity_path(&args.output);
     checkpoint::save_tensors(
         &parity,
@@ -125,12 +129,7 @@ pub fn export(args: &ExportArgs) -> Result<PathBuf> {
         ],
     )?;
     let size = std::fs::metadata(&args.output)?.len();
-    println!(
-        "wrote {} ({:.2} MB) and {}",
-        args.output.display(),
-        size as f64 / 1e6,
-        parity.display()
-    );
+    println!("model: {:.2} MB", size as f64 / 1e6);
     println!(
         "ops: {}",
         hist.iter()

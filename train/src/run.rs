@@ -39,8 +39,10 @@ impl Run {
     pub fn open(dir: &Path, config_yaml: &str, columns: &[&str], keep: usize) -> Result<Self> {
         std::fs::create_dir_all(dir.join("samples"))
             .with_context(|| format!("{}: cannot create", dir.display()))?;
+        // Until the first checkpoint the run has nothing to resume: a config.yaml left by a
+        // start that failed before one (a bad value, fixed since) is this start's.
         let cfg = dir.join("config.yaml");
-        if !cfg.exists() {
+        if !cfg.exists() || !dir.join("state.json").exists() {
             write_atomic(&cfg, config_yaml.as_bytes())?;
         }
         let stop = Arc::new(AtomicBool::new(false));

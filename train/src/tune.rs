@@ -39,6 +39,9 @@ pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
     if args.zetas.is_empty() || args.zetas.iter().any(|z| !(z.is_finite() && *z >= 0.0)) {
         bail!("--zeta: one or more finite step sizes >= 0");
     }
+    if args.n == 0 || args.steps == 0 {
+        bail!("-n and --dps-steps: at least 1 (a sweep on no image chooses nothing)");
+    }
     let cfg = DaviConfig::from_file(&args.config)?;
     let task = cfg.task()?.clone();
     let implicit = Implicit::new(&cfg)?;
@@ -110,7 +113,14 @@ pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
                 &cfg_dps,
                 7,
             )?;
-            let (p, q) = mean_psnr_ssim(&out, &x0);
+            // A zeta whose DPS diverged is recorded as NaN, and never chosen.
+            let (p, q) = match crate::eval::check_finite("DPS", &out) {
+                Ok(()) => mean_psnr_ssim(&out, &x0),
+                Err(e) => {
+                    eprintln!("tune-dps: zeta {zeta}: diverged ({e})");
+                    (f64::NAN, f64::NAN)
+                }
+            };
             eprintln!(
                 "tune-dps: zeta {zeta}: PSNR {p:.2} dB, SSIM {q:.4} on {n} validation images"
             );
@@ -141,6 +151,11 @@ pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
         for z in mids {
             run(z, &mut sweep)?;
         }
+    }
+    if !sweep.iter().any(|r| r.1.is_finite()) {
+        bail!(
+            "tune-dps: DPS diverged at every zeta of the sweep; nothing chosen (try smaller ones)"
+        );
     }
     record(&sweep, true)?;
     let tuning = DpsTuning {
@@ -178,9 +193,11 @@ pub fn file_sha256(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The zeta of the best PSNR; a zeta whose DPS diverged (PSNR NaN) never wins.
 fn best_of(sweep: &[(f64, f64, f64)]) -> f64 {
     sweep
         .iter()
+        .filter(|r| r.1.is_finite())
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .map_or(1.0, |r| r.0)
 }
