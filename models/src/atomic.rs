@@ -108,6 +108,46 @@ pub fn write_named(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
 /// limited to 255 bytes).
 pub const NAME_BYTES: usize = 180;
 
+/// Reads `path`, a regular file (links followed) of at most `max` bytes. A device, a pipe or a
+/// folder where a file is expected is refused, not read until memory runs out or for ever.
+pub fn read_regular(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let m = std::fs::metadata(path)?;
+    if !m.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            file_kind(&m),
+        ));
+    }
+    if m.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} bytes, more than such a file has ({max}); not read",
+                m.len()
+            ),
+        ));
+    }
+    std::fs::read(path)
+}
+
+/// What a path that is not a regular file is, for the message that refuses it.
+pub fn file_kind(m: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    let kind = if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else if t.is_dir() {
+        "a folder"
+    } else {
+        "not a regular file"
+    };
+    format!("{kind}, not a regular file; not read")
+}
+
 fn truncated(name: &[u8]) -> &[u8] {
     if name.len() <= NAME_BYTES {
         return name;

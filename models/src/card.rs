@@ -147,7 +147,9 @@ impl DaviConfig {
             path: path.display().to_string(),
             reason,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        // A config is a page of YAML: a device or a pipe named as one is refused, not read.
+        let bytes = crate::atomic::read_regular(path, 16 << 20).map_err(|e| err(e.to_string()))?;
+        let text = String::from_utf8(bytes).map_err(|_| err("not UTF-8 text".into()))?;
         let cfg: Self = serde_yaml::from_str(&text).map_err(|e| err(e.to_string()))?;
         cfg.validate().map_err(|e| err(e.to_string()))?;
         Ok(cfg)

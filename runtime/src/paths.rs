@@ -208,23 +208,10 @@ impl Entries {
 /// A model card's largest size: a card is a page of YAML.
 pub const MAX_CARD_BYTES: u64 = 16 << 20;
 
-/// Reads `path`, a regular file (links followed) of at most `max` bytes. A device, a pipe or a
-/// folder where a file is expected is refused, not read until memory runs out or for ever.
+/// Reads `path`, a regular file (links followed) of at most `max` bytes
+/// ([`davi_models::atomic::read_regular`]); the error names the file and the reason.
 pub fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, crate::RuntimeError> {
-    let m = std::fs::metadata(path).map_err(|e| crate::RuntimeError::io(path, e))?;
-    if !m.is_file() {
-        return Err(crate::RuntimeError::file(path, file_kind(&m)));
-    }
-    if m.len() > max {
-        return Err(crate::RuntimeError::file(
-            path,
-            format!(
-                "{} bytes, more than such a file has ({max}); not read",
-                m.len()
-            ),
-        ));
-    }
-    std::fs::read(path).map_err(|e| crate::RuntimeError::io(path, e))
+    davi_models::atomic::read_regular(path, max).map_err(|e| crate::RuntimeError::file(path, e))
 }
 
 /// [`read_file`] as UTF-8 text.
@@ -233,23 +220,7 @@ pub fn read_text(path: &Path, max: u64) -> Result<String, crate::RuntimeError> {
         .map_err(|_| crate::RuntimeError::file(path, "not UTF-8 text"))
 }
 
-/// What a path that is not a regular file is, for the message that refuses it.
-pub fn file_kind(m: &std::fs::Metadata) -> String {
-    use std::os::unix::fs::FileTypeExt;
-    let t = m.file_type();
-    let kind = if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_block_device() || t.is_char_device() {
-        "a device"
-    } else if t.is_dir() {
-        "a folder"
-    } else {
-        "not a regular file"
-    };
-    format!("{kind}, not a regular file; not read")
-}
+pub use davi_models::atomic::file_kind;
 
 pub use davi_models::atomic::Temporary;
 

@@ -8,6 +8,11 @@ use tch::{Device, Kind, Tensor};
 /// Reads every tensor of a safetensors file onto `device` as f32; an exported `.onnx` model
 /// gives its weights (the zoo ships each task model's weights once, inside its ONNX file).
 pub fn load_tensors(path: &Path, device: Device) -> Result<HashMap<String, Tensor>> {
+    // libtorch would read a pipe for ever and a device until memory runs out.
+    let m = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    if !m.is_file() {
+        anyhow::bail!("{}: {}", path.display(), davi_models::atomic::file_kind(&m));
+    }
     if path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))

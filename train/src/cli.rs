@@ -515,12 +515,12 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
     inputs.extend(a.features.as_deref());
     inputs.extend(a.supervised.as_deref());
     refuse_replacing("-o", &a.output, &inputs, &data_dirs(&cfg))?;
+    let teacher = crate::tune::teacher_path(&cfg, a.teacher.as_deref())?;
     let dps_zeta = match a.dps_zeta {
         Some(z) => z,
-        None => {
-            let teacher = crate::tune::teacher_path(&cfg, a.teacher.as_deref())?;
-            tuned_zeta(a.card.as_deref(), &crate::tune::file_sha256(&teacher)?)?.unwrap_or(1.0)
-        }
+        // No DPS (or no prior to run it with): no zeta to look up.
+        None if a.dps_n == 0 || teacher.as_os_str().is_empty() => 1.0,
+        None => tuned_zeta(a.card.as_deref(), &crate::tune::file_sha256(&teacher)?)?.unwrap_or(1.0),
     };
     let args = crate::eval::EvalArgs {
         checkpoint: a.checkpoint,

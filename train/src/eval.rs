@@ -507,6 +507,14 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
     let ds = crate::data::open_config(&cfg, &args.config, Split::Test, true)?;
     let n = args.n.min(ds.len);
     check_exported(&args.checkpoint, &cfg)?;
+    if let Some(d) = &args.trained_in {
+        check_trained_in(d, &cfg)?;
+    }
+    // The card is read now (another model's, a pipe, a broken one: refused before any work),
+    // and written at the end.
+    if let Some(card) = &args.card {
+        card_for(card, &cfg)?;
+    }
     if let Some(p) = &args.supervised {
         check_exported(p, &cfg)?;
         check_control_run(p, &cfg)?;
@@ -740,9 +748,11 @@ pub fn card_for(path: &Path, cfg: &DaviConfig) -> Result<ModelCard> {
         }
         return blank_card(cfg);
     }
+    let bytes = davi_models::atomic::read_regular(path, 16 << 20)
+        .with_context(|| format!("{}: unreadable", path.display()))?;
     let card: ModelCard = serde_yaml::from_str(
-        &std::fs::read_to_string(path)
-            .with_context(|| format!("{}: unreadable", path.display()))?,
+        std::str::from_utf8(&bytes)
+            .with_context(|| format!("{}: not UTF-8 text", path.display()))?,
     )
     .with_context(|| format!("{}: bad card", path.display()))?;
     if card.name != cfg.name {
@@ -815,6 +825,32 @@ pub fn blank_card(cfg: &DaviConfig) -> Result<ModelCard> {
     })
 }
 
+/// The state of the run folder `dir`, when it has one.
+fn run_state(dir: &Path) -> Option<crate::run::RunState> {
+    let text = std::fs::read_to_string(dir.join("state.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// `--trained-in DIR`: a run folder of this very config (its state's config hash), or an error
+/// before any work; the card's steps and time are read from it.
+fn check_trained_in(dir: &Path, cfg: &DaviConfig) -> Result<()> {
+    let st = run_state(dir).with_context(|| {
+        format!(
+            "--trained-in {}: not a run folder (no readable state.json)",
+            dir.display()
+        )
+    })?;
+    if st.config_hash != cfg.hash() {
+        bail!(
+            "--trained-in {}: a run of another config (hash {}, this config's is {}); give the run of this model, or evaluate with the run's config.yaml",
+            dir.display(),
+            st.config_hash,
+            cfg.hash()
+        );
+    }
+    Ok(())
+}
+
 fn update_card(path: &Path, run_dir: &Path, cfg: &DaviConfig, r: &Report) -> Result<()> {
     let row = |m: &MethodScores| EvalRow {
         n: Some(m.n),
@@ -828,11 +864,8 @@ fn update_card(path: &Path, run_dir: &Path, cfg: &DaviConfig, r: &Report) -> Res
         seconds_per_image: m.seconds_per_image,
     };
     let mut card = card_for(path, cfg)?;
-    // Steps and time from the run folder, when there is one.
-    let state = std::fs::read_to_string(run_dir.join("state.json"))
-        .ok()
-        .and_then(|s| serde_json::from_str::<crate::run::RunState>(&s).ok());
-    if let Some(st) = state {
+    // Steps and time from the run folder, when it is a run of this very config.
+    if let Some(st) = run_state(run_dir).filter(|st| st.config_hash == cfg.hash()) {
         card.training_steps = st.step;
         card.training_seconds = st.seconds;
     }

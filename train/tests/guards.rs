@@ -345,3 +345,59 @@ fn nan_weights_are_never_checkpointed_and_a_failed_start_leaves_no_stale_config(
     let (code, err) = run(&resume);
     assert_eq!(code, 0, "{err}");
 }
+
+/// A device or a pipe where a config, a checkpoint or a card is expected is refused by name,
+/// not read for ever (a pipe) or until memory runs out (/dev/zero); `--trained-in` must be a run
+/// of this config.
+#[test]
+fn devices_pipes_and_other_runs_are_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path(), "");
+    let w = tmp.path().join("w.safetensors");
+    weights(&cfg, &w, "1");
+    let fifo = tmp.path().join("fifo.yaml");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let out = tmp.path().join("ev");
+    let eval = |ckpt: &Path, config: &Path, more: &[&str]| {
+        let base = [
+            "eval",
+            "--checkpoint",
+            s(ckpt),
+            "--config",
+            s(config),
+            "-o",
+            s(&out),
+        ];
+        run(&[
+            &base[..],
+            &["-n", "1", "--dps-n", "0", "--ddrm-steps", "0"],
+            more,
+        ]
+        .concat())
+    };
+    for (ckpt, config, more, named) in [
+        (w.as_path(), fifo.as_path(), &[][..], s(&fifo)),
+        (Path::new("/dev/zero"), cfg.as_path(), &[][..], "/dev/zero"),
+        (
+            w.as_path(),
+            cfg.as_path(),
+            &["--card", s(&fifo), "--dps-zeta", "1"][..],
+            s(&fifo),
+        ),
+    ] {
+        let (code, err) = eval(ckpt, config, more);
+        assert!(code != 0 && code != 101, "{named}: exit {code}: {err}");
+        assert!(
+            err.contains(named) && err.contains("not a regular file"),
+            "{err}"
+        );
+    }
+    let (code, err) = eval(&w, &cfg, &["--trained-in", s(tmp.path())]);
+    assert!(code != 0, "{err}");
+    assert!(err.contains("not a run folder"), "{err}");
+    assert!(!out.exists());
+}
