@@ -12,6 +12,7 @@ $BIN/davi-train prior --config tests/configs/tiny-prior.yaml --run "$OUT/prior" 
 echo "parity: training tiny-deblur (4 DAVI steps)"
 $BIN/davi-train davi --config tests/configs/tiny-deblur.yaml --run "$OUT/davi" --teacher "$OUT/prior/ema.safetensors" --device cpu
 echo "parity: exporting"
-$BIN/davi-train export --checkpoint "$OUT/davi/ema.safetensors" --config tests/configs/tiny-deblur.yaml -o "$OUT/model/model.onnx"
+# The run's own config.yaml: it names the teacher given on the command line.
+$BIN/davi-train export --checkpoint "$OUT/davi/ema.safetensors" --config "$OUT/davi/config.yaml" -o "$OUT/model/model.onnx"
 echo "parity: davi verify (CPU EP)"
 $BIN/davi verify -m "$OUT/model/model.onnx"

@@ -424,6 +424,21 @@ pub fn export(a: ExportArgs) -> Result<ExitCode> {
     if a.k == 0 || a.static_batch == Some(0) {
         bail!("-k and --static-batch: at least 1");
     }
+    // Weights from a run folder are exported with that run's config only (another config would
+    // relabel them: an SR model shipped as deblur, a prior as a task model).
+    let cfg = DaviConfig::from_file(&a.config)?;
+    let run_dir = a.checkpoint.parent().unwrap_or(Path::new("."));
+    if let Some(st) = crate::eval::run_state(run_dir) {
+        if st.config_hash != cfg.hash() {
+            bail!(
+                "{}: trained with another config (hash {}; {} hashes to {}); export with the run's config.yaml",
+                a.checkpoint.display(),
+                st.config_hash,
+                a.config.display(),
+                cfg.hash()
+            );
+        }
+    }
     // Written and verified in a staging folder beside the output, and moved into place only
     // when parity passes: a failed export leaves the existing model as it was.
     let name = a

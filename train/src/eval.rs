@@ -826,7 +826,7 @@ pub fn blank_card(cfg: &DaviConfig) -> Result<ModelCard> {
 }
 
 /// The state of the run folder `dir`, when it has one.
-fn run_state(dir: &Path) -> Option<crate::run::RunState> {
+pub(crate) fn run_state(dir: &Path) -> Option<crate::run::RunState> {
     let text = std::fs::read_to_string(dir.join("state.json")).ok()?;
     serde_json::from_str(&text).ok()
 }

@@ -281,6 +281,37 @@ fn the_teacher_given_on_the_command_line_is_part_of_the_run() {
     let (code, err) = davi(&t2, "2");
     assert!(code != 0, "{err}");
     assert!(err.contains("config hash"), "{err}");
+    // Its weights export with the run's config, and not with another one.
+    let out = tmp.path().join("m/model.onnx");
+    let ema = r.join("ema.safetensors");
+    let export = |config: &Path| {
+        run(&[
+            "export",
+            "--checkpoint",
+            s(&ema),
+            "--config",
+            s(config),
+            "-o",
+            s(&out),
+            "-k",
+            "1",
+        ])
+    };
+    let other = tmp.path().join("other.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &other,
+        text.replace("{task: denoise}", "{task: sr, scale: 2}"),
+    )
+    .unwrap();
+    let (code, err) = export(&other);
+    assert!(
+        code != 0 && err.contains("trained with another config"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let (code, err) = export(&r.join("config.yaml"));
+    assert_eq!(code, 0, "{err}");
 }
 
 #[test]
