@@ -429,7 +429,7 @@ pub fn export(a: ExportArgs) -> Result<ExitCode> {
     let cfg = DaviConfig::from_file(&a.config)?;
     let run_dir = a.checkpoint.parent().unwrap_or(Path::new("."));
     if let Some(st) = crate::eval::run_state(run_dir) {
-        if st.config_hash != cfg.hash() {
+        if !crate::eval::same_config(run_dir, &st, &cfg) {
             bail!(
                 "{}: trained with another config (hash {}; {} hashes to {}); export with the run's config.yaml",
                 a.checkpoint.display(),

@@ -45,6 +45,16 @@ pub fn supervised_control(mut cfg: DaviConfig) -> Result<DaviConfig> {
     }
     cfg.name = format!("{}-supervised", cfg.name);
     set_davi_field(&mut cfg, "supervised", true.into())?;
+    // Plain MSE has no discriminator: the GAN settings are not the control's, and a DAVI config
+    // with and without the GAN term has one control.
+    if let Some(davi) = cfg
+        .train
+        .as_mut()
+        .and_then(|t| t.get_mut("davi"))
+        .and_then(|d| d.as_mapping_mut())
+    {
+        davi.remove("gan");
+    }
     Ok(cfg)
 }
 

@@ -840,7 +840,7 @@ fn check_trained_in(dir: &Path, cfg: &DaviConfig) -> Result<()> {
             dir.display()
         )
     })?;
-    if st.config_hash != cfg.hash() {
+    if !same_config(dir, &st, cfg) {
         bail!(
             "--trained-in {}: a run of another config (hash {}, this config's is {}); give the run of this model, or evaluate with the run's config.yaml",
             dir.display(),
@@ -849,6 +849,22 @@ fn check_trained_in(dir: &Path, cfg: &DaviConfig) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether the run in `dir` (its state `st`) trained on `cfg`, up to the name: a run shipped
+/// under another name (an ablation run that became the model) is the same training.
+pub(crate) fn same_config(dir: &Path, st: &crate::run::RunState, cfg: &DaviConfig) -> bool {
+    if st.config_hash == cfg.hash() {
+        return true;
+    }
+    let Ok(mut ran) = DaviConfig::from_file(&dir.join("config.yaml")) else {
+        return false;
+    };
+    if ran.hash() != st.config_hash {
+        return false;
+    }
+    ran.name = cfg.name.clone();
+    ran.hash() == cfg.hash()
 }
 
 fn update_card(path: &Path, run_dir: &Path, cfg: &DaviConfig, r: &Report) -> Result<()> {
@@ -865,7 +881,7 @@ fn update_card(path: &Path, run_dir: &Path, cfg: &DaviConfig, r: &Report) -> Res
     };
     let mut card = card_for(path, cfg)?;
     // Steps and time from the run folder, when it is a run of this very config.
-    if let Some(st) = run_state(run_dir).filter(|st| st.config_hash == cfg.hash()) {
+    if let Some(st) = run_state(run_dir).filter(|st| same_config(run_dir, st, cfg)) {
         card.training_steps = st.step;
         card.training_seconds = st.seconds;
     }

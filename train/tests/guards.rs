@@ -312,6 +312,13 @@ fn the_teacher_given_on_the_command_line_is_part_of_the_run() {
     assert!(!out.exists());
     let (code, err) = export(&r.join("config.yaml"));
     assert_eq!(code, 0, "{err}");
+    // The same config under another name (an ablation run shipped as the model) exports too.
+    let renamed = tmp.path().join("renamed.yaml");
+    let text = std::fs::read_to_string(r.join("config.yaml")).unwrap();
+    assert!(text.contains("name: g\n"), "{text}");
+    std::fs::write(&renamed, text.replace("name: g\n", "name: shipped\n")).unwrap();
+    let (code, err) = export(&renamed);
+    assert_eq!(code, 0, "{err}");
 }
 
 #[test]
