@@ -102,8 +102,13 @@ pub fn evaluate(
         }
     }
     let mut unmatched = Vec::new();
-    for e in walkdir::WalkDir::new(restored).sort_by_file_name() {
-        let e = e.map_err(|e| RuntimeError::file(restored, e))?;
+    // Unreadable entries (a root-only lost+found) are not images of ours: skipped, not an error
+    // after every pair was scored.
+    for e in walkdir::WalkDir::new(restored)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_map(Result::ok)
+    {
         if e.file_type().is_file() && images::is_image_path(e.path()) && !matched.contains(e.path())
         {
             let rel = e.path().strip_prefix(restored).unwrap_or(e.path());

@@ -6,14 +6,15 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// Characters that reorder or hide what follows them on a terminal: the bidirectional
-/// controls (U+202A-U+202E, U+2066-U+2069, marks) and zero-width ones.
+/// Characters that reorder what follows them on a terminal: the bidirectional embeddings,
+/// overrides and isolates (U+202A-U+202E, U+2066-U+2069). Joiners and marks, which real names
+/// in Persian, Indic scripts or emoji use, are kept.
 fn invisible(ch: char) -> bool {
-    matches!(ch, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{061c}' | '\u{feff}')
+    matches!(ch, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
-/// A path on one line: control characters, bidirectional and zero-width characters, and bytes
-/// that are not UTF-8 are escaped (`\n`, `\x1b`, `\u{202e}`, `\xff`), so one failure is one line
+/// A path on one line: control characters, bidirectional overrides, and bytes that are not
+/// UTF-8 are escaped (`\n`, `\x1b`, `\u{202e}`, `\xff`), so one failure is one line
 /// of the log and of the report, shown as it is named.
 pub fn escape(path: &Path) -> String {
     let mut out = String::new();
@@ -337,6 +338,11 @@ mod tests {
         assert_eq!(
             escape(Path::new("evil\u{202e}gnp.exe")),
             "evil\\u{202e}gnp.exe"
+        );
+        // A joiner is part of a real name (Persian, emoji), not escaped.
+        assert_eq!(
+            escape(Path::new("می\u{200c}خواهم.png")),
+            "می\u{200c}خواهم.png"
         );
     }
 

@@ -418,7 +418,14 @@ pub fn davi(a: DaviArgs) -> Result<ExitCode> {
 /// `davi-train export`: the model, its parity fixtures, and their check on ONNX Runtime.
 pub fn export(a: ExportArgs) -> Result<ExitCode> {
     let inputs = [a.checkpoint.as_path(), a.config.as_path()];
-    refuse_replacing("-o", &a.output, &inputs, &[])?;
+    // A model re-exported in place (`--checkpoint X/model.onnx -o X/model.onnx`) is safe: its
+    // weights are read first and the new one is moved over it only when parity passes. Any
+    // other checkpoint (a run's weights) or the config is never replaced.
+    let in_place = a
+        .checkpoint
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+    refuse_replacing("-o", &a.output, &inputs[usize::from(in_place)..], &[])?;
     let parity_out = crate::export::parity_path(&a.output);
     refuse_replacing("-o (its parity file)", &parity_out, &inputs, &[])?;
     if a.k == 0 || a.static_batch == Some(0) {
@@ -496,7 +503,8 @@ pub fn export(a: ExportArgs) -> Result<ExitCode> {
     let mut staged_files: Vec<PathBuf> = std::fs::read_dir(stage.path())?
         .map(|e| e.map(|e| e.path()))
         .collect::<std::io::Result<_>>()?;
-    staged_files.sort();
+    // The model last: it names its external data, which must be in place before it.
+    staged_files.sort_by_key(|f| f.file_name() == Some(name));
     for f in staged_files {
         let to = parent.join(f.file_name().expect("a staged file"));
         std::fs::rename(&f, &to).with_context(|| format!("{}: cannot write", to.display()))?;

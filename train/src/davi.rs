@@ -12,7 +12,7 @@ use crate::params::{AdamW, Ema, ParamSet};
 use crate::prior::{step_rng, strip};
 use crate::run::Run;
 use crate::{checkpoint, losses};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use davi_models::schedule::{beta31_step, Diffusion};
 use davi_models::{DaviConfig, Implicit};
 use rand::Rng;
@@ -53,9 +53,19 @@ pub fn supervised_control(mut cfg: DaviConfig) -> Result<DaviConfig> {
         .and_then(|t| t.get_mut("davi"))
         .and_then(|d| d.as_mapping_mut())
     {
-        davi.remove("gan");
+        // In place: the other keys keep their order, so the hash is the one of the same
+        // config written without the line.
+        davi.shift_remove("gan");
     }
     Ok(cfg)
+}
+
+/// Sets `train.davi.teacher` of `cfg` to `--teacher`'s file, as an absolute path (`p.st` and
+/// `./p.st` are one prior, and the run's config.yaml names it from anywhere).
+pub fn set_teacher(cfg: &mut DaviConfig, teacher: &Path) -> Result<()> {
+    let abs = std::fs::canonicalize(teacher)
+        .with_context(|| format!("--teacher {}: cannot read", teacher.display()))?;
+    set_davi_field(cfg, "teacher", abs.display().to_string().into())
 }
 
 /// Sets `train.davi.<key>` of `cfg`: what the command line overrides becomes part of the run's
@@ -518,7 +528,7 @@ pub fn train(args: &DaviArgs) -> Result<PathBuf> {
         cfg = supervised_control(cfg)?;
     }
     if let Some(t) = &args.teacher {
-        set_davi_field(&mut cfg, "teacher", t.display().to_string().into())?;
+        set_teacher(&mut cfg, t)?;
     }
     let mut hp = train_config(&cfg)?.davi.unwrap_or_default();
     if let Some(s) = args.steps {

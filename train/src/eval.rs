@@ -507,8 +507,14 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
     let ds = crate::data::open_config(&cfg, &args.config, Split::Test, true)?;
     let n = args.n.min(ds.len);
     check_exported(&args.checkpoint, &cfg)?;
+    // Runs trained with `--teacher` hold it in their config: so does the one they are checked
+    // against.
+    let mut run_cfg = cfg.clone();
+    if let Some(t) = &args.teacher {
+        crate::davi::set_teacher(&mut run_cfg, t)?;
+    }
     if let Some(d) = &args.trained_in {
-        check_trained_in(d, &cfg)?;
+        check_trained_in(d, &run_cfg)?;
     }
     // The card is read now (another model's, a pipe, a broken one: refused before any work),
     // and written at the end.
@@ -517,7 +523,7 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
     }
     if let Some(p) = &args.supervised {
         check_exported(p, &cfg)?;
-        check_control_run(p, &cfg)?;
+        check_control_run(p, &run_cfg)?;
     }
     let t_max = cfg.diffusion.steps;
     if args.ddrm_steps == 1 || args.ddrm_steps > t_max {
@@ -673,7 +679,7 @@ pub fn eval(args: &EvalArgs) -> Result<Report> {
                 .map(Path::to_path_buf)
                 .unwrap_or_default(),
         };
-        update_card(card_path, &run_dir, &cfg, &report)?;
+        update_card(card_path, &run_dir, &cfg, &run_cfg, &report)?;
     }
     Ok(report)
 }
@@ -867,7 +873,13 @@ pub(crate) fn same_config(dir: &Path, st: &crate::run::RunState, cfg: &DaviConfi
     ran.hash() == cfg.hash()
 }
 
-fn update_card(path: &Path, run_dir: &Path, cfg: &DaviConfig, r: &Report) -> Result<()> {
+fn update_card(
+    path: &Path,
+    run_dir: &Path,
+    cfg: &DaviConfig,
+    run_cfg: &DaviConfig,
+    r: &Report,
+) -> Result<()> {
     let row = |m: &MethodScores| EvalRow {
         n: Some(m.n),
         psnr: m.psnr,
@@ -881,7 +893,7 @@ fn update_card(path: &Path, run_dir: &Path, cfg: &DaviConfig, r: &Report) -> Res
     };
     let mut card = card_for(path, cfg)?;
     // Steps and time from the run folder, when it is a run of this very config.
-    if let Some(st) = run_state(run_dir).filter(|st| same_config(run_dir, st, cfg)) {
+    if let Some(st) = run_state(run_dir).filter(|st| same_config(run_dir, st, run_cfg)) {
         card.training_steps = st.step;
         card.training_seconds = st.seconds;
     }

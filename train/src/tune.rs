@@ -131,6 +131,11 @@ pub fn tune(args: &TuneArgs) -> Result<DpsTuning> {
     for &z in &args.zetas {
         run(z, &mut sweep)?;
     }
+    if !sweep.iter().any(|r| r.1.is_finite()) {
+        bail!(
+            "tune-dps: DPS diverged at every zeta of the grid; nothing chosen (try smaller ones)"
+        );
+    }
     if args.refine && args.zetas.len() > 1 {
         let mut grid = args.zetas.clone();
         grid.sort_by(|a, b| a.total_cmp(b));

@@ -236,6 +236,10 @@ fn a_failed_export_leaves_the_existing_model() {
         ),
         good
     );
+    // Re-exported in place from itself: staged, so allowed, and the same bytes.
+    let (code, err) = export(&out, &["-k", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(&out).unwrap(), good.0);
     // Nothing of the failed attempts is left beside it.
     let names: Vec<String> = std::fs::read_dir(tmp.path().join("m"))
         .unwrap()
