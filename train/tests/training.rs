@@ -1072,6 +1072,16 @@ fn the_supervised_control_of_a_config_differs_in_its_name_and_loss_alone() {
             .unwrap(),
     );
     assert!(!a.supervised && b.supervised);
+    // The shipped config trains with the GAN term; its control has none (plain MSE), and is the
+    // control of the same config without it (the GAN ablation) too.
+    assert!(a.gan.is_some() && b.gan.is_none());
+    let nogan = davi_models::DaviConfig::from_file(
+        &root.join("models/configs/ablation/fmnist32-deblur-nogan.yaml"),
+    )
+    .unwrap();
+    let mut nogan_control = davi_train::davi::supervised_control(nogan).unwrap();
+    nogan_control.name = control.name.clone();
+    assert_eq!(nogan_control.hash(), control.hash());
     // Applied once: a control's own config (a run's config.yaml) stays as it is.
     let again = davi_train::davi::supervised_control(control.clone()).unwrap();
     assert_eq!(again.name, control.name);
