@@ -182,6 +182,20 @@ impl DaviConfig {
         if self.diffusion.steps < 2 {
             return Err(Error::Config("diffusion.steps must be >= 2".into()));
         }
+        // The name is a folder's name (`runs/<name>`, `models/zoo/<name>`): `../x`, `/abs` or ""
+        // would put a run outside `runs/` or in `runs/` itself.
+        let plain = !self.name.is_empty()
+            && !self.name.starts_with('.')
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !plain {
+            return Err(Error::Config(format!(
+                "name {:?}: letters, digits, '-', '_' and '.', not starting with '.' (it names the run's folder)",
+                self.name
+            )));
+        }
         Ok(())
     }
 

@@ -119,13 +119,16 @@ fn bad_values_are_errors_naming_the_field_before_any_step() {
             "dropout",
         ),
         ("sigma_y: 0.1", "sigma_y: 1.0e30", "sigma_y"),
+        ("name: g\n", "name: ../escape\n", "name \"../escape\""),
         (
             "{task: denoise}",
             "{task: inpaint, box_size: 0}",
             "inpaint box 0",
         ),
     ] {
-        let dir = tmp.path().join(what.replace(' ', "_"));
+        let dir = tmp
+            .path()
+            .join(what.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
         let cfg = setup(&dir, &davi(""));
         let text = std::fs::read_to_string(&cfg)
             .unwrap()
