@@ -61,6 +61,16 @@ fn train_davi(cfg: &Path, run_dir: &Path) -> (i32, String) {
     ])
 }
 
+/// A temporary folder with [`setup`]'s config (no `train:`) and random weights `w.safetensors`
+/// of its network.
+fn with_weights() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path(), "");
+    let w = tmp.path().join("w.safetensors");
+    weights(&cfg, &w, "1");
+    (tmp, cfg, w)
+}
+
 /// Random weights of the config's network (`davi-train init`), seed `seed`.
 fn weights(cfg: &Path, out: &Path, seed: &str) {
     let (code, err) = run(&["init", "--config", s(cfg), "-o", s(out), "--seed", seed]);
@@ -142,10 +152,7 @@ fn bad_values_are_errors_naming_the_field_before_any_step() {
 
 #[test]
 fn outputs_never_replace_what_the_command_reads() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = setup(tmp.path(), "");
-    let w = tmp.path().join("w.safetensors");
-    weights(&cfg, &w, "1");
+    let (tmp, cfg, w) = with_weights();
     let (w_bytes, cfg_bytes) = (std::fs::read(&w).unwrap(), std::fs::read(&cfg).unwrap());
     let imgs = tmp.path().join("imgs");
     let link = tmp.path().join("link.safetensors");
@@ -192,10 +199,7 @@ fn outputs_never_replace_what_the_command_reads() {
 
 #[test]
 fn a_failed_export_leaves_the_existing_model() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = setup(tmp.path(), "");
-    let w = tmp.path().join("w.safetensors");
-    weights(&cfg, &w, "1");
+    let (tmp, cfg, w) = with_weights();
     let out = tmp.path().join("m/model.onnx");
     // `davi-train export --checkpoint W --config CFG -o m/model.onnx ARGS`.
     let export = |w: &Path, args: &[&str]| {
@@ -396,10 +400,7 @@ fn nan_weights_are_never_checkpointed_and_a_failed_start_leaves_no_stale_config(
 /// of this config.
 #[test]
 fn devices_pipes_and_other_runs_are_refused_before_any_work() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = setup(tmp.path(), "");
-    let w = tmp.path().join("w.safetensors");
-    weights(&cfg, &w, "1");
+    let (tmp, cfg, w) = with_weights();
     let fifo = tmp.path().join("fifo.yaml");
     assert!(Command::new("mkfifo")
         .arg(&fifo)
