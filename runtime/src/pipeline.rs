@@ -622,16 +622,21 @@ pub fn restore(
         let names = suffixes(opts.samples);
         let beyond = format!(".sample{}", opts.samples.max(1));
         // A name that is another input's output in this run (an input `b.sample1.png` beside
-        // `b.png`) is that input's, not a leftover of a run with more samples.
-        let ours: HashSet<PathBuf> = jobs
-            .iter()
-            .filter(|j| j.problem.is_none())
-            .flat_map(|j| {
-                names
-                    .iter()
-                    .map(|sfx| j.output(&opts.output, opts.format, sfx))
+        // `b.png`) is that input's, not a leftover of a run with more samples. The set of this
+        // run's outputs is made only when such a name exists (rare), not on every resume.
+        let ours: std::cell::OnceCell<HashSet<PathBuf>> = std::cell::OnceCell::new();
+        let ours = || {
+            ours.get_or_init(|| {
+                jobs.iter()
+                    .filter(|j| j.problem.is_none())
+                    .flat_map(|j| {
+                        names
+                            .iter()
+                            .map(|sfx| j.output(&opts.output, opts.format, sfx))
+                    })
+                    .collect()
             })
-            .collect();
+        };
         let mut mixed = Vec::new();
         todo.retain(|&i| {
             // A file with something in it (atomic writes never leave an empty or partial one);
@@ -640,7 +645,8 @@ pub fn restore(
                 std::fs::symlink_metadata(jobs[i].output(&opts.output, opts.format, sfx))
                     .is_ok_and(|m| m.is_file() && m.len() > 0)
             };
-            if has(&beyond) && !ours.contains(&jobs[i].output(&opts.output, opts.format, &beyond)) {
+            if has(&beyond) && !ours().contains(&jobs[i].output(&opts.output, opts.format, &beyond))
+            {
                 mixed.push(i);
                 return false;
             }
