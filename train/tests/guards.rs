@@ -50,15 +50,21 @@ fn s(p: &Path) -> &str {
 
 /// `davi-train davi --config CFG --device cpu --run RUN`.
 fn train_davi(cfg: &Path, run_dir: &Path) -> (i32, String) {
-    run(&[
-        "davi",
+    train_run("davi", cfg, run_dir, &[])
+}
+
+/// `davi-train CMD --config CFG --device cpu --run RUN ARGS` (`prior` or `davi`).
+fn train_run(cmd: &str, cfg: &Path, run_dir: &Path, args: &[&str]) -> (i32, String) {
+    let base = [
+        cmd,
         "--config",
         s(cfg),
         "--device",
         "cpu",
         "--run",
         s(run_dir),
-    ])
+    ];
+    run(&[&base[..], args].concat())
 }
 
 /// A temporary folder with [`setup`]'s config (no `train:`) and random weights `w.safetensors`
@@ -270,19 +276,12 @@ fn the_teacher_given_on_the_command_line_is_part_of_the_run() {
     weights(&cfg, &t2, "2");
     let r = tmp.path().join("run");
     let davi = |teacher: &Path, steps: &str| {
-        run(&[
+        train_run(
             "davi",
-            "--config",
-            s(&cfg),
-            "--device",
-            "cpu",
-            "--run",
-            s(&r),
-            "--teacher",
-            s(teacher),
-            "--steps",
-            steps,
-        ])
+            &cfg,
+            &r,
+            &["--teacher", s(teacher), "--steps", steps],
+        )
     };
     let (code, err) = davi(&t1, "1");
     assert_eq!(code, 0, "{err}");
@@ -341,17 +340,7 @@ fn nan_weights_are_never_checkpointed_and_a_failed_start_leaves_no_stale_config(
     };
     let cfg = setup(tmp.path(), &train("1.0e39"));
     let r = tmp.path().join("run");
-    let prior = || {
-        run(&[
-            "prior",
-            "--config",
-            s(&cfg),
-            "--device",
-            "cpu",
-            "--run",
-            s(&r),
-        ])
-    };
+    let prior = || train_run("prior", &cfg, &r, &[]);
     let (code, err) = prior();
     assert!(code != 0 && code != 101, "{err}");
     assert!(
