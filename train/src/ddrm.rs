@@ -283,6 +283,7 @@ mod tests {
 
     #[test]
     fn the_decomposition_reproduces_every_operator() {
+        let _rng = crate::global_rng();
         tch::manual_seed(0);
         for (task, c) in [
             ("denoise", 1),
@@ -401,6 +402,7 @@ mod tests {
     /// This is the colorization path the photo baselines take.
     #[test]
     fn ddrm_colorizes_a_gaussian_prior_as_the_official_recurrence() {
+        let _rng = crate::global_rng();
         let tau = 0.25f64;
         let d = Diffusion::new(BetaSchedule::Linear, 1000);
         let eps_fn = |x: &Tensor, t: usize| gaussian_eps(&d, tau, x, t);
@@ -480,6 +482,7 @@ mod tests {
     /// come back as they were.
     #[test]
     fn ddrm_follows_the_official_recurrence_on_a_gaussian_prior() {
+        let _rng = crate::global_rng();
         let tau = 0.25f64;
         let d = Diffusion::new(BetaSchedule::Linear, 1000);
         let eps_fn = |x: &Tensor, t: usize| gaussian_eps(&d, tau, x, t);

@@ -176,6 +176,7 @@ mod tests {
 
     #[test]
     fn distances_are_zero_on_equal_sets_and_grow_with_a_shift() {
+        let _rng = crate::global_rng();
         tch::manual_seed(1);
         let a = Tensor::randn([400, 8], (Kind::Float, Device::Cpu));
         assert!(fid(&a, &a).abs() < 1e-6, "{}", fid(&a, &a));

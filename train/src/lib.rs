@@ -27,3 +27,13 @@ pub mod run;
 pub mod tune;
 
 pub use backend::TchBackend;
+
+/// libtorch draws every random number (randn, dropout masks) from one process-wide generator, and
+/// the unit tests run on several threads. A test that seeds the generator and relies on the
+/// stream that follows holds this lock, and so does every other test that draws, so no draw on
+/// another thread can shift the stream in between.
+#[cfg(test)]
+pub(crate) fn global_rng() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -116,6 +116,7 @@ mod tests {
 
     #[test]
     fn data_consistency_is_the_mean_squared_residual_of_the_measurement() {
+        let _rng = crate::global_rng();
         let op = Operator::for_task("sr", 8).unwrap();
         let x0 = Tensor::rand([2, 1, 8, 8], (Kind::Float, Device::Cpu));
         let y = op.forward(&b(), &x0, 1, 8);

@@ -197,10 +197,6 @@ mod tests {
     use crate::gan::{AdaptiveFrom, GanConfig};
     use davi_models::{DaviConfig, UNetConfig};
     use std::collections::HashMap;
-    use std::sync::Mutex;
-
-    /// The tests seed libtorch's global generator: one at a time.
-    static SEEDED: Mutex<()> = Mutex::new(());
 
     fn config(dropout: f64, classes: Option<usize>) -> UNetConfig {
         serde_json::from_value(serde_json::json!({
@@ -278,7 +274,7 @@ mod tests {
 
     #[test]
     fn checkpointed_gradients_equal_the_plain_ones() {
-        let _one = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = crate::global_rng();
         let unet = UNetModel::new(&config(0.0, Some(3))).unwrap();
         let params = weights(&unet, 1);
         let (out_p, g_p, gx_p) = run(&unet, &params, false, true, 0);
@@ -308,7 +304,7 @@ mod tests {
 
     #[test]
     fn checkpointing_with_dropout_gives_the_gradient_of_the_forward_it_ran() {
-        let _one = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = crate::global_rng();
         // The loss of a seeded checkpointed forward is a fixed function of the weights (the masks
         // come from the seed); its directional derivative must match the tape's gradient.
         let unet = UNetModel::new(&config(0.3, None)).unwrap();
@@ -366,7 +362,7 @@ mod tests {
 
     #[test]
     fn bf16_matrix_products_stay_close_to_f32() {
-        let _one = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = crate::global_rng();
         let unet = UNetModel::new(&config(0.0, None)).unwrap();
         let params = weights(&unet, 3);
         let x = Tensor::randn([2, 2, 16, 16], (Kind::Float, Device::Cpu));
@@ -423,7 +419,7 @@ mod tests {
 
     #[test]
     fn a_davi_step_with_checkpointing_equals_one_without() {
-        let _one = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = crate::global_rng();
         tch::manual_seed(5);
         let plain = davi_grads(&mut trainer(false, Precision::F32));
         tch::manual_seed(5);
@@ -450,7 +446,7 @@ mod tests {
 
     #[test]
     fn a_davi_step_in_bf16_points_the_same_way() {
-        let _one = SEEDED.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = crate::global_rng();
         tch::manual_seed(5);
         let plain = davi_grads(&mut trainer(false, Precision::F32));
         tch::manual_seed(5);
