@@ -76,6 +76,7 @@ pub fn restore(
         samples: 1,
         follow_symlinks: false,
         progress: false,
+        print_failures: false,
         max_pixels: crate::images::DEFAULT_MAX_PIXELS,
         overlap,
         stop: None,

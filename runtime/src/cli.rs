@@ -281,18 +281,19 @@ fn too_large(what: &str, n: usize, most: usize) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// Prints a run's failures and summary, writes its JSON report; 1 when anything failed, 130
-/// when a signal stopped it.
+/// Writes a run's JSON report and prints its summary (each failure was printed as it happened);
+/// 1 when anything failed, 130 when a signal stopped it, and the report's error when it could
+/// not be written (after the summary: a full disk loses no count).
 fn finish(report: &Report, path: Option<&Path>, verb: &str) -> Result<ExitCode, RuntimeError> {
     // The report first: the terminal or pipe the summary goes to may be gone (a closed SSH
     // session, `| tee` stopped by the same Ctrl-C), and the report must not depend on it.
-    if let Some(p) = path {
-        images::write_named(p, &serde_json::to_vec_pretty(report)?)?;
-    }
+    let written = match path {
+        Some(p) => serde_json::to_vec_pretty(report)
+            .map_err(RuntimeError::from)
+            .and_then(|b| images::write_named(p, &b).map_err(RuntimeError::from)),
+        None => Ok(()),
+    };
     let mut err = std::io::stderr().lock();
-    for f in &report.failed {
-        let _ = writeln!(err, "davi: failed: {}: {}", f.path, f.reason);
-    }
     let _ = writeln!(
         err,
         "davi: {verb} {} of {} ({} skipped, {} failed, {} other files ignored) in {:.2}s, {:.1} images/s",
@@ -317,6 +318,8 @@ fn finish(report: &Report, path: Option<&Path>, verb: &str) -> Result<ExitCode, 
             "davi: note: the output folder {o} lies inside the input folder: nothing in it was read as an input"
         );
     }
+    drop(err);
+    written?;
     Ok(if report.interrupted {
         ExitCode::from(130)
     } else if report.failed.is_empty() {
@@ -343,6 +346,7 @@ pub fn restore(a: RestoreArgs, ort_lib: Option<PathBuf>) -> Result<ExitCode, Run
         samples: a.samples,
         follow_symlinks: a.follow_symlinks,
         progress: std::io::stderr().is_terminal(),
+        print_failures: true,
         max_pixels: a.max_pixels,
         overlap: a.overlap,
         stop: Some(pipeline::stop_on_signals().map_err(|e| {

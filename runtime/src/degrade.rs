@@ -78,6 +78,7 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
         samples: 1,
         follow_symlinks: false,
         progress: false,
+        print_failures: false,
         max_pixels: images::DEFAULT_MAX_PIXELS,
         overlap: crate::pipeline::DEFAULT_OVERLAP,
         stop: None,
@@ -106,10 +107,16 @@ pub fn degrade(opts: &DegradeOptions, sess: &SessionOptions) -> Result<Report, R
         std::fs::create_dir_all(l).map_err(|e| RuntimeError::io(l, e))?;
     }
     crate::paths::prepare_output_dir(&opts.output)?;
+    crate::pipeline::mark_output_inside_input(&plan_opts)?;
     crate::pipeline::remove_stale_temporaries(&jobs, &plan_opts);
     for job in &jobs {
         let (path, rel) = (&job.path, &job.rel);
-        let fail = |report: &mut Report, reason: String| report.failed.push(job.failure(reason));
+        // Each failure is printed as it happens, and kept for the summary and the report.
+        let fail = |report: &mut Report, reason: String| {
+            let f = job.failure(reason);
+            f.print();
+            report.failed.push(f);
+        };
         if let Some(p) = &job.problem {
             fail(&mut report, p.clone());
             continue;

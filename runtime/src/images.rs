@@ -95,6 +95,12 @@ pub fn load_limited(
         ));
     }
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    if image::guess_format(&bytes).ok() == Some(image::ImageFormat::Jpeg) && !jpeg_complete(&bytes)
+    {
+        return Err(
+            "cannot decode: truncated JPEG (no end-of-image marker after its last scan)".into(),
+        );
+    }
     let reader = || {
         image::ImageReader::new(std::io::Cursor::new(&bytes))
             .with_guessed_format()
@@ -154,6 +160,17 @@ pub fn load_limited(
         }
     }
     Ok(out)
+}
+
+/// Whether a JPEG's last scan is followed by its end-of-image marker (FF D9). The decoders fill
+/// the missing blocks of a cut file with grey and report nothing; a scan's own bytes never hold
+/// FF D9 (an FF in them is stuffed as FF 00), and an EXIF thumbnail's scan and end come before
+/// the image's scan. A file without a scan is left to the decoder.
+fn jpeg_complete(bytes: &[u8]) -> bool {
+    match bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]) {
+        Some(scan) => bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => true,
+    }
 }
 
 /// The EXIF orientation a decoder reports; none when the file has none or it cannot be read
@@ -259,6 +276,52 @@ mod tests {
         seg.extend_from_slice(&app1);
         jpg.splice(2..2, seg);
         std::fs::write(path, jpg).unwrap();
+    }
+
+    fn jpeg_of(w: u32, h: u32) -> Vec<u8> {
+        let mut s = 7u32;
+        let img = image::RgbImage::from_fn(w, h, |_, _| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let v = (s >> 24) as u8;
+            image::Rgb([v, v / 2, 255 - v])
+        });
+        let mut jpg = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut jpg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+        jpg
+    }
+
+    /// A cut JPEG decodes without complaint (the decoder fills the rest with grey): it is refused
+    /// by its missing end marker, also when an embedded thumbnail (its own scan and end) comes
+    /// first. A whole one, or one with bytes after its end (as cameras append), loads.
+    #[test]
+    fn a_cut_jpeg_is_refused_and_a_whole_one_loads() {
+        let t = tempfile::tempdir().unwrap();
+        let mut jpg = jpeg_of(64, 64);
+        // An APP1 segment holding a whole 8x8 JPEG, where EXIF keeps a thumbnail.
+        let mut app = b"Exif\0\0".to_vec();
+        app.extend_from_slice(&jpeg_of(8, 8));
+        let mut seg = vec![0xFF, 0xE1];
+        seg.extend_from_slice(&((app.len() + 2) as u16).to_be_bytes());
+        seg.extend_from_slice(&app);
+        jpg.splice(2..2, seg);
+        let whole = t.path().join("whole.jpg");
+        std::fs::write(&whole, &jpg).unwrap();
+        assert_eq!(load(&whole, 3, None).unwrap().dim(), (3, 64, 64));
+        let mut tail = jpg.clone();
+        tail.extend_from_slice(b"appended by a camera");
+        let tailed = t.path().join("tail.jpg");
+        std::fs::write(&tailed, &tail).unwrap();
+        assert!(load(&tailed, 3, None).is_ok());
+        for keep in [0.95, 0.6] {
+            let cut = t.path().join(format!("cut{keep}.jpg"));
+            std::fs::write(&cut, &jpg[..(jpg.len() as f64 * keep) as usize]).unwrap();
+            let e = load(&cut, 3, None).unwrap_err();
+            assert!(e.contains("truncated JPEG"), "{keep}: {e}");
+        }
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub struct RestoreOptions {
     pub follow_symlinks: bool,
     /// Show a progress bar (on a TTY).
     pub progress: bool,
+    /// Print each failure to stderr as it happens (`davi: failed: PATH: REASON`), not only in
+    /// the report: a run over a million files takes days, and a kill loses no line printed.
+    pub print_failures: bool,
     /// Images above this many pixels are refused from their header, without decoding.
     pub max_pixels: u64,
     /// Overlap of neighbouring tiles of a larger image, as a fraction of the tile.
@@ -62,6 +65,63 @@ pub struct Failure {
     pub path: String,
     /// Why.
     pub reason: String,
+}
+
+impl Failure {
+    /// Prints `davi: failed: PATH: REASON` to stderr (a closed stderr is no error: the report
+    /// still has it).
+    pub fn print(&self) {
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "davi: failed: {}: {}",
+            self.path,
+            self.reason
+        );
+    }
+}
+
+/// The file that marks a folder inside the input folder as davi's output folder: the images in
+/// it are outputs (a rerun replaces them, and no run reads them as inputs), not the user's.
+pub const OUTPUT_MARK: &str = ".davi-output";
+
+/// An output folder inside the input folder is not read as input, so the images already in it
+/// would be neither inputs nor protected from this run's outputs: such a folder that holds
+/// images is refused unless davi marked it as its own ([`OUTPUT_MARK`]).
+fn check_output_inside_input(opts: &RestoreOptions) -> Result<(), RuntimeError> {
+    let out = &opts.output;
+    if out.join(OUTPUT_MARK).is_file() {
+        return Ok(());
+    }
+    let theirs = walkdir::WalkDir::new(out)
+        .into_iter()
+        .filter_map(Result::ok)
+        .find(|e| !e.file_type().is_dir() && images::is_image_path(e.path()));
+    if let Some(e) = theirs {
+        return Err(RuntimeError::Usage(format!(
+            "refused: the output folder {} lies inside the input folder and holds images davi did not write there ({}, ...): they are not read as inputs and this run could replace them; give a new folder or one outside the input (if they are outputs of an earlier davi, create {} to say so); nothing was written",
+            paths::escape(out),
+            paths::escape(e.path()),
+            paths::escape(&out.join(OUTPUT_MARK))
+        )));
+    }
+    Ok(())
+}
+
+/// Marks an output folder that lies inside the input folder as davi's ([`OUTPUT_MARK`]), once it
+/// exists and before anything is written in it.
+pub fn mark_output_inside_input(opts: &RestoreOptions) -> Result<(), RuntimeError> {
+    if !opts.input.is_dir() || !paths::dir_within(&opts.output, &opts.input) {
+        return Ok(());
+    }
+    let mark = opts.output.join(OUTPUT_MARK);
+    if mark.is_file() {
+        return Ok(());
+    }
+    images::write_atomic(
+        &mark,
+        b"Written by davi: this folder inside its input folder holds davi's outputs. davi never reads it as input, and a rerun may replace the images in it.\n",
+    )
+    .map_err(RuntimeError::from)
 }
 
 /// What a run did.
@@ -487,6 +547,9 @@ pub fn plan(
         jobs.retain(|j| shard_of(j.path.strip_prefix(&opts.input).unwrap_or(&j.path), n) == i);
     }
     check_no_input_replaced(opts, &jobs, report_path, protect)?;
+    if report.output_inside_input.is_some() {
+        check_output_inside_input(opts)?;
+    }
     Ok((jobs, report))
 }
 
@@ -603,6 +666,7 @@ pub fn restore(
     let (jobs, mut report) = plan(opts, report_path, &[&model_path])?;
     report.found = jobs.len();
     crate::paths::prepare_output_dir(&opts.output)?;
+    mark_output_inside_input(opts)?;
     remove_stale_temporaries(&jobs, opts);
 
     let mut failed: BTreeMap<usize, String> = jobs
@@ -664,6 +728,11 @@ pub fn restore(
             );
         }
         report.skipped = before - todo.len() - n_mixed;
+    }
+    if opts.print_failures {
+        for (&i, reason) in &failed {
+            jobs[i].failure(reason.as_str()).print();
+        }
     }
     // Rows per session run: a fixed batch of the graph wins (short runs are padded).
     let rows_per_run = model.fixed_batch.unwrap_or(opts.batch);
@@ -1031,6 +1100,9 @@ impl<'a> Writer<'a> {
                     &format!(".sample{s}"),
                 ));
             }
+        }
+        if self.opts.print_failures {
+            bar.suspend(|| jobs[i].failure(reason.as_str()).print());
         }
         self.failed.insert(i, reason);
         bar.inc(1);

@@ -393,8 +393,8 @@ fn a_bind_mount_of_the_input_folder_is_the_input_folder() {
         "{out}{err}"
     );
     assert_eq!(err.matches("refused").count(), 2, "{err}");
-    // Into a new folder under the mount (inside the input folder): allowed, and that folder is
-    // not read back as inputs.
+    // Into a new folder under the mount (inside the input folder): allowed, marked as davi's,
+    // and not read back as inputs.
     assert!(out.contains("nested=0"), "{out}{err}");
     let mut after = tree(Path::new(&x));
     let sub: Vec<String> = after
@@ -402,7 +402,11 @@ fn a_bind_mount_of_the_input_folder_is_the_input_folder() {
         .filter(|k| k.starts_with("sub/"))
         .cloned()
         .collect();
-    assert_eq!(sub.len(), 2, "{sub:?}");
+    assert_eq!(
+        sub,
+        ["sub/.davi-output", "sub/img_000.png", "sub/img_001.png"],
+        "{sub:?}"
+    );
     for k in sub {
         after.remove(&k);
     }
@@ -1054,6 +1058,61 @@ fn counts_add_up_and_every_odd_file_is_named_on_one_line() {
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(r["found"], 6);
     assert_eq!(r["failed"].as_array().unwrap().len(), 4);
+}
+
+/// Each failure is printed when it happens, not at the end: a run killed without a summary has
+/// already said which files failed. A report that cannot be written (a full disk) loses neither
+/// the failures nor the summary, and the exit code says the report failed.
+#[test]
+fn failures_are_printed_as_they_happen_and_survive_a_report_on_a_full_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("in");
+    write_images(&inp, 400, 32);
+    // One failure of the listing (sorted first), one of the decoder (among the first hundred).
+    std::fs::write(inp.join("000-empty.png"), b"").unwrap();
+    std::fs::write(inp.join("img_050x.png"), b"not a png").unwrap();
+    let out = tmp.path().join("out");
+    let child = std::process::Command::new(bin("davi"))
+        .args(["restore", "--batch", "1", "--threads", "1", "-m"])
+        .arg(&model)
+        .arg("-i")
+        .arg(&inp)
+        .arg("-o")
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    signal_after_outputs(&child, &out, 300, "-KILL");
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), None, "killed before its end: {err}");
+    assert!(!err.contains(" of 402"), "no summary after a kill: {err}");
+    let failed: Vec<&str> = err.lines().filter(|l| l.contains("failed:")).collect();
+    assert_eq!(failed.len(), 2, "{err}");
+    assert!(
+        failed[0].contains("000-empty.png") && failed[0].contains("empty file"),
+        "{err}"
+    );
+    assert!(
+        failed[1].contains("img_050x.png") && failed[1].contains("cannot"),
+        "{err}"
+    );
+    assert!(Path::new("/dev/full").exists(), "the test needs /dev/full");
+    let (code, _, err) = restore(
+        &model,
+        &inp,
+        &tmp.path().join("o2"),
+        &["--report", "/dev/full"],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(counts(&err), (400, 402, 0, 2), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.contains("failed:")).count(),
+        2,
+        "{err}"
+    );
+    assert!(err.contains("/dev/full"), "{err}");
 }
 
 /// A file's shard follows its path alone: files added to the folder (sorting between the old

@@ -350,7 +350,68 @@ fn output_folder_inside_the_input_is_not_read_back() {
             "{err}"
         );
     }
-    assert_eq!(tree(&out).len(), 3);
+    // The three outputs and the mark that says the folder is davi's.
+    assert_eq!(tree(&out).len(), 4);
+    assert!(out.join(".davi-output").is_file());
+}
+
+/// A folder inside the input folder that already holds someone's images is not taken as the
+/// output folder: they are not read as inputs, so nothing else would keep a run from replacing
+/// them (or --skip-existing from counting them as done).
+#[test]
+fn an_output_folder_inside_the_input_holding_images_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = random_model(&tmp.path().join("m"), "denoise");
+    let inp = tmp.path().join("data");
+    write_images(&inp, 3, 32);
+    // The user's backup of the same names, inside the input folder.
+    let backup = inp.join("backup");
+    let mut theirs = write_images(&backup, 3, 32);
+    std::fs::rename(&theirs[0], backup.join("img_000.PNG")).unwrap();
+    theirs[0] = backup.join("img_000.PNG");
+    let before = tree(&backup);
+    for extra in [&[][..], &["--skip-existing"][..]] {
+        let (code, _, err) = restore(&model, &inp, &backup, extra);
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains("refused") && err.contains("holds images davi did not write"),
+            "{err}"
+        );
+        assert!(
+            err.contains(".davi-output"),
+            "says how to confirm old outputs: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert_eq!(tree(&backup), before, "{extra:?}");
+    }
+    let (code, _, err) = davi(&[
+        "degrade",
+        "--task",
+        "denoise",
+        "-i",
+        inp.to_str().unwrap(),
+        "-o",
+        backup.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("holds images davi did not write"), "{err}");
+    assert_eq!(tree(&backup), before);
+    // A folder there without images is taken, and marked as davi's.
+    let fresh = inp.join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::write(fresh.join("notes.txt"), b"keep").unwrap();
+    let (code, _, err) = restore(&model, &inp, &fresh, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("restored 6 of 6"),
+        "the backup is an input here: {err}"
+    );
+    assert!(fresh.join(".davi-output").is_file());
+    assert_eq!(std::fs::read(fresh.join("notes.txt")).unwrap(), b"keep");
+    // Once the user says the images are davi's, the folder is taken.
+    std::fs::write(backup.join(".davi-output"), b"").unwrap();
+    let (code, _, err) = restore(&model, &inp, &backup, &[]);
+    assert_eq!(code, 0, "{err}");
 }
 
 #[test]

@@ -35,6 +35,7 @@ fn a_thousand_samples_take_the_memory_of_one_batch() {
         samples: k,
         follow_symlinks: false,
         progress: false,
+        print_failures: false,
         max_pixels: davi_runtime::images::DEFAULT_MAX_PIXELS,
         overlap: davi_runtime::pipeline::DEFAULT_OVERLAP,
         stop: None,
