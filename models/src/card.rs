@@ -323,6 +323,42 @@ pub struct PairedTable {
     pub supervised: Option<EvalRow>,
 }
 
+/// The methods of an evaluation, in the order the table prints them.
+pub const METHODS: [&str; 5] = ["lifted", "davi", "dps", "ddrm", "supervised"];
+
+impl EvalTable {
+    /// An error naming the first row whose PSNR, SSIM or time is not a number (NaN, infinite,
+    /// a negative time), which the table would print as nonsense or leave out. A DPS row of NaN
+    /// scores is an older evaluation's way of saying DPS did not run: no row, no error.
+    pub fn check(&self) -> Result<(), String> {
+        let check = |what: String, r: &EvalRow| {
+            let ok = r.psnr.is_finite()
+                && r.ssim.is_finite()
+                && r.seconds_per_image.is_finite()
+                && r.seconds_per_image >= 0.0;
+            if ok {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{what}: PSNR {}, SSIM {}, seconds per image {}: not a score",
+                    r.psnr, r.ssim, r.seconds_per_image
+                ))
+            }
+        };
+        for m in METHODS {
+            if let Some(r) = self.row(m) {
+                if !(m == "dps" && r.psnr.is_nan() && r.ssim.is_nan()) {
+                    check(format!("eval.{m}"), r)?;
+                }
+            }
+            if let Some(r) = self.paired.as_ref().and_then(|p| p.row(m)) {
+                check(format!("eval.paired.{m}"), r)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl PairedTable {
     /// The row of method `m`, as [`EvalTable::row`].
     pub fn row(&self, m: &str) -> Option<&EvalRow> {
@@ -419,7 +455,6 @@ fn complete_default() -> bool {
 /// Markdown tables of model cards (`davi cards`): the evaluation on test crops (every method on
 /// all images, then on the paired images), DPS's tuning, and the whole held-out photographs.
 pub fn cards_markdown(cards: &[ModelCard]) -> String {
-    const METHODS: [&str; 5] = ["lifted", "davi", "dps", "ddrm", "supervised"];
     let label = |m: &str| match m {
         "lifted" => "lifted measurement".to_string(),
         "davi" => "**DAVI**".to_string(),
@@ -464,7 +499,8 @@ pub fn cards_markdown(cards: &[ModelCard]) -> String {
             _ => String::new(),
         };
         for m in METHODS {
-            // A DPS that did not run (NaN scores) has no row.
+            // A DPS that did not run (NaN scores) has no row ([`EvalTable::check`] refuses any
+            // other row that is not a number).
             if let Some(r) = e.row(m).filter(|r| r.psnr.is_finite()) {
                 let n = (m != "dps").then_some(e.n);
                 let spread = e.samples.as_ref().filter(|_| m == "davi");
@@ -576,6 +612,40 @@ mod tests {
             nfe: 1,
             seconds_per_image: 0.01,
         }
+    }
+
+    /// A row that is not a number is an error naming it; DPS's NaN row (not run) is none.
+    #[test]
+    fn a_score_that_is_not_a_number_is_named() {
+        let mut t = EvalTable {
+            n: 10,
+            davi: row(Some(10), 27.5),
+            dps: Some(row(Some(0), f64::NAN)),
+            lifted: row(Some(10), 26.0),
+            dps_zeta: None,
+            paired: None,
+            ddrm: None,
+            supervised: None,
+            samples: None,
+        };
+        t.dps.as_mut().unwrap().ssim = f64::NAN;
+        assert_eq!(t.check(), Ok(()));
+        t.davi.psnr = f64::NAN;
+        let e = t.check().unwrap_err();
+        assert!(e.starts_with("eval.davi: PSNR NaN"), "{e}");
+        t.davi.psnr = 27.5;
+        t.paired = Some(PairedTable {
+            n: 4,
+            davi: row(Some(4), 27.0),
+            dps: row(Some(4), f64::INFINITY),
+            lifted: row(Some(4), 25.0),
+            ddrm: None,
+            supervised: None,
+        });
+        assert!(t.check().unwrap_err().starts_with("eval.paired.dps"));
+        t.paired.as_mut().unwrap().dps.psnr = 28.0;
+        t.lifted.seconds_per_image = -1.0;
+        assert!(t.check().unwrap_err().starts_with("eval.lifted"));
     }
 
     #[test]

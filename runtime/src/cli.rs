@@ -798,6 +798,9 @@ pub fn cards(a: CardsArgs) -> Result<ExitCode, RuntimeError> {
     for (f, v) in found {
         let card: davi_models::card::ModelCard = serde_yaml::from_value(v)
             .map_err(|e| RuntimeError::file(&f, format!("not a model card: {e}")))?;
+        if let Some(e) = &card.eval {
+            e.check().map_err(|r| RuntimeError::file(&f, r))?;
+        }
         cards.push(card);
     }
     cards.sort_by(|a, b| a.name.cmp(&b.name));

@@ -500,6 +500,24 @@ fn cards_and_parity_files_must_be_regular_files() {
             "{err}"
         );
     }
+    // A card whose DAVI PSNR is not a number is an error naming the card and the row, not a
+    // table without that row.
+    let card = tmp.path().join("nan/card.yaml");
+    std::fs::create_dir_all(card.parent().unwrap()).unwrap();
+    let text = include_str!("../../models/zoo/fmnist32-deblur/card.yaml");
+    let at = text.find("\n    psnr: ").expect("eval.davi.psnr") + 1;
+    let end = at + text[at..].find('\n').unwrap();
+    std::fs::write(
+        &card,
+        format!("{}    psnr: .nan{}", &text[..at], &text[end..]),
+    )
+    .unwrap();
+    let (code, out, err) = davi(&["cards", card.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains(card.to_str().unwrap()) && err.contains("eval.davi: PSNR NaN"),
+        "{err}"
+    );
     let model = random_model(&tmp.path().join("m"), "denoise");
     let (code, _, err) = davi(&[
         "verify",
