@@ -419,7 +419,8 @@ fn read_card(card: &Path) -> Result<davi_models::card::ModelCard, RuntimeError> 
 
 /// Writes `e` as the row `method` of the card's `whole_photos`, under an exclusive lock of the
 /// card's folder (concurrent writers each keep their row). Rows scoring other photographs are
-/// dropped, and named.
+/// dropped, and named. Only `whole_photos` is rewritten: keys davi does not know stay (comments
+/// do not: the card is written back from its parsed YAML).
 fn write_card_row(card: &Path, method: &str, e: &metrics::Evaluation) -> Result<(), RuntimeError> {
     use davi_models::card::PhotoRow;
     let dir = card.parent().unwrap_or(Path::new("."));
@@ -449,7 +450,14 @@ fn write_card_row(card: &Path, method: &str, e: &metrics::Evaluation) -> Result<
             ssim_ci95: e.ssim_ci95,
         },
     );
-    let yaml = serde_yaml::to_string(&c).map_err(|err| RuntimeError::Usage(err.to_string()))?;
+    let text = crate::paths::read_text(card, crate::paths::MAX_CARD_BYTES)?;
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text)
+        .map_err(|err| RuntimeError::file(card, format!("not YAML: {err}")))?;
+    let rows = serde_yaml::to_value(w).map_err(|err| RuntimeError::Usage(err.to_string()))?;
+    doc.as_mapping_mut()
+        .ok_or_else(|| RuntimeError::file(card, "not a mapping"))?
+        .insert("whole_photos".into(), rows);
+    let yaml = serde_yaml::to_string(&doc).map_err(|err| RuntimeError::Usage(err.to_string()))?;
     images::write_named(card, yaml.as_bytes())?;
     drop(lock);
     eprintln!("davi: wrote whole_photos.{method} into {}", card.display());

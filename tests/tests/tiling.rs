@@ -285,7 +285,7 @@ fn degrade_restore_and_eval_work_at_any_size() {
     let card = tmp.path().join("card.yaml");
     std::fs::write(
         &card,
-        "name: t\ntask: {operator: {task: sr, scale: 4}, sigma_y: 0.05, h: 0.1}\ndata: d\ntraining_steps: 1\ntraining_seconds: 1.0\n",
+        "name: t\ntask: {operator: {task: sr, scale: 4}, sigma_y: 0.05, h: 0.1}\ndata: d\ntraining_steps: 1\ntraining_seconds: 1.0\nreviewed_by: someone\n",
     )
     .unwrap();
     for (dir, method) in [(&lift, "lifted"), (&r, "davi")] {
@@ -309,6 +309,13 @@ fn degrade_restore_and_eval_work_at_any_size() {
     assert_eq!(w.images, vec!["wide.png".to_string()]);
     assert_eq!(w.methods.keys().collect::<Vec<_>>(), ["davi", "lifted"]);
     assert!(w.methods["lifted"].psnr.is_finite() && w.methods["davi"].n == 1);
+    // A key davi does not know stays in the card.
+    assert!(
+        std::fs::read_to_string(&card)
+            .unwrap()
+            .contains("reviewed_by: someone"),
+        "the card lost a key"
+    );
     let (code, _, err) = davi(&[
         "eval",
         "--restored",
