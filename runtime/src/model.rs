@@ -58,11 +58,17 @@ impl ModelInfo {
                 reason: format!("metadata has no '{k}' (not a model written by davi-export?)"),
             })
         };
+        // sigma_y and h: noise levels, finite and >= 0 (a NaN would reach `degrade` as if the
+        // user had passed it).
         let num = |k: &str| -> Result<f64, RuntimeError> {
-            get(k)?.parse::<f64>().map_err(|e| RuntimeError::Model {
-                path: origin.into(),
-                reason: format!("metadata '{k}': {e}"),
-            })
+            let v = get(k)?;
+            v.parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(|| RuntimeError::Model {
+                    path: origin.into(),
+                    reason: format!("metadata '{k}' is '{v}', not a finite number >= 0"),
+                })
         };
         let count = |k: &str| -> Result<usize, RuntimeError> {
             let v = get(k)?;

@@ -899,6 +899,35 @@ fn model_faults_are_one_message_at_load() {
         assert_eq!(err.trim().lines().count(), 1, "{what}: one message: {err}");
     }
     assert!(!tmp.path().join("out").exists() || tree(&tmp.path().join("out")).is_empty());
+    // Noise levels in the metadata that are not numbers >= 0 are the model's fault, named as
+    // its metadata, not as an option the user never gave.
+    for (key, value) in [("davi.sigma_y", "NaN"), ("davi.h", "-1")] {
+        let mut proto =
+            davi_export::read_model(&random_model(&tmp.path().join("e"), "denoise")).unwrap();
+        for p in proto.metadata_props.iter_mut().filter(|p| p.key == key) {
+            p.value = value.into();
+        }
+        let model = tmp.path().join(format!("e/{key}.onnx"));
+        std::fs::write(&model, davi_export::to_bytes(&proto)).unwrap();
+        let out = tmp.path().join("out-md");
+        let (code, _, err) = davi(&[
+            "degrade",
+            "-m",
+            model.to_str().unwrap(),
+            "-i",
+            inp.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 2, "{key}: {err}");
+        assert!(
+            err.contains(&format!("'{key}' is '{value}'")) && !err.contains("--sigma-y"),
+            "{key}: {err}"
+        );
+        let (code, _, err) = restore(&model, &inp, &out, &[]);
+        assert_eq!(code, 2, "{key}: {err}");
+        assert!(!out.exists(), "{key}: something was written");
+    }
     // A fixed batch dimension is no fault: runs are padded to it, and the bytes are the same.
     let opts = davi_export::ExportOptions {
         static_batch: Some(3),
