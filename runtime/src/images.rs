@@ -36,6 +36,26 @@ impl Format {
         }
     }
 
+    /// The `image` crate's name of the format.
+    pub fn image_format(self) -> image::ImageFormat {
+        match self {
+            Format::Png => image::ImageFormat::Png,
+            Format::Jpg => image::ImageFormat::Jpeg,
+            Format::Webp => image::ImageFormat::WebP,
+        }
+    }
+
+    /// Whether the file at `path` starts as a file of this format does (its signature, read
+    /// from the first bytes; the contents are not decoded).
+    pub fn starts(self, path: &Path) -> bool {
+        use std::io::Read;
+        let mut head = Vec::with_capacity(32);
+        std::fs::File::open(path)
+            .and_then(|f| f.take(32).read_to_end(&mut head))
+            .is_ok()
+            && image::guess_format(&head).ok() == Some(self.image_format())
+    }
+
     /// The file extension.
     pub fn ext(self) -> &'static str {
         match self {

@@ -28,6 +28,8 @@ pub mod keys {
     pub const CONFIG_HASH: &str = "davi.config_hash";
     /// Version of the tool that wrote the model.
     pub const TOOL_VERSION: &str = "davi.tool_version";
+    /// The model's name (its config's `name`).
+    pub const NAME: &str = "davi.name";
 }
 
 /// What a model's metadata says about it.
@@ -45,6 +47,8 @@ pub struct ModelInfo {
     pub channels: usize,
     /// Training config hash.
     pub config_hash: String,
+    /// The model's name (empty if the metadata has none).
+    pub name: String,
     /// Tool version.
     pub tool_version: String,
 }
@@ -92,6 +96,7 @@ impl ModelInfo {
             image_size: count(keys::IMAGE_SIZE)?,
             channels: count(keys::CHANNELS)?,
             config_hash: get(keys::CONFIG_HASH).unwrap_or_default(),
+            name: get(keys::NAME).unwrap_or_default(),
             tool_version: get(keys::TOOL_VERSION).unwrap_or_default(),
         })
     }

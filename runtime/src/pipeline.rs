@@ -701,7 +701,7 @@ pub fn restore(
                     .collect()
             })
         };
-        let mut mixed = Vec::new();
+        let mut refused = Vec::new();
         todo.retain(|&i| {
             // A file with something in it (atomic writes never leave an empty or partial one);
             // a folder, an empty file or a link there is not an output of a run.
@@ -711,23 +711,41 @@ pub fn restore(
             };
             if has(&beyond) && !ours().contains(&jobs[i].output(&opts.output, opts.format, &beyond))
             {
-                mixed.push(i);
+                refused.push((
+                    i,
+                    format!(
+                        "{} exists: outputs of a run with more than --samples {}; restore into another folder, or with that run's --samples",
+                        paths::escape(&jobs[i].output(&opts.output, opts.format, &beyond)),
+                        opts.samples
+                    ),
+                ));
                 return false;
             }
-            !names.iter().all(|sfx| has(sfx))
+            if !names.iter().all(|sfx| has(sfx)) {
+                return true;
+            }
+            // Every output is there: done, if each is an image of the output format. Another
+            // file at an output's name (a text file called `a.png`) is not an output of a run:
+            // neither done nor to be replaced.
+            if let Some(p) = names
+                .iter()
+                .map(|sfx| jobs[i].output(&opts.output, opts.format, sfx))
+                .find(|p| !opts.format.starts(p))
+            {
+                refused.push((
+                    i,
+                    format!(
+                        "{} exists and is not a {} image, so not an output of davi: move it away and rerun",
+                        paths::escape(&p),
+                        opts.format.ext().to_uppercase()
+                    ),
+                ));
+            }
+            false
         });
-        let n_mixed = mixed.len();
-        for i in mixed {
-            failed.insert(
-                i,
-                format!(
-                    "{} exists: outputs of a run with more than --samples {}; restore into another folder, or with that run's --samples",
-                    paths::escape(&jobs[i].output(&opts.output, opts.format, &beyond)),
-                    opts.samples
-                ),
-            );
-        }
-        report.skipped = before - todo.len() - n_mixed;
+        let n_refused = refused.len();
+        failed.extend(refused);
+        report.skipped = before - todo.len() - n_refused;
     }
     if opts.print_failures {
         for (&i, reason) in &failed {

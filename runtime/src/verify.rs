@@ -1,5 +1,6 @@
 //! `davi verify`: reruns the parity fixtures beside a model and compares with what tch computed.
 
+use crate::model::{keys, ModelInfo};
 use crate::{Model, RuntimeError};
 use ndarray::{Array4, ArrayD};
 use std::path::Path;
@@ -101,12 +102,41 @@ pub fn compare(a: &ArrayD<f32>, b: &ArrayD<f32>, fp16: bool) -> Parity {
     }
 }
 
+/// A parity file names the model it was computed for (`davi.name`, `davi.config_hash` in its
+/// safetensors metadata; older files name none): another model's fixture is refused as such,
+/// where comparing would only say FAIL.
+fn check_made_for(bytes: &[u8], info: &ModelInfo, parity: &Path) -> Result<(), RuntimeError> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| RuntimeError::file(parity, format!("not a safetensors file: {e}")))?;
+    let Some(meta) = meta.metadata() else {
+        return Ok(());
+    };
+    let (name, hash) = (meta.get(keys::NAME), meta.get(keys::CONFIG_HASH));
+    let differs = |want: Option<&String>, have: &str| {
+        want.is_some_and(|w| !have.is_empty() && w.as_str() != have)
+    };
+    if differs(name, &info.name) || differs(hash, &info.config_hash) {
+        return Err(RuntimeError::file(
+            parity,
+            format!(
+                "parity fixture of another model: made for '{}' (config {}), this model is '{}' (config {}); pass the fixture exported beside it (--parity)",
+                name.map_or("?", |s| s.as_str()),
+                hash.map_or("?", |s| s.as_str()),
+                info.name,
+                info.config_hash
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs the parity file's inputs through `model` and compares with its `image` outputs.
 pub fn verify(model: &mut Model, parity: &Path, fp16: bool) -> Result<Parity, RuntimeError> {
     // A parity file holds a few images' tensors: megabytes, not gigabytes.
     let bytes = crate::paths::read_file(parity, 1 << 30)?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| RuntimeError::file(parity, format!("not a safetensors file: {e}")))?;
+    check_made_for(&bytes, &model.info, parity)?;
     let meas = read4(&st, "measurement", parity)?;
     let noise = read4(&st, "noise", parity)?;
     let want = read4(&st, "image", parity)?.into_dyn();

@@ -318,6 +318,17 @@ fn skip_existing_counts_only_files_a_run_could_have_written() {
     let (code, _, err) = restore(&model, &inp, &out, &["--skip-existing"]);
     assert_eq!((code, counts(&err)), (0, (1, 3, 2, 0)), "{err}");
     assert_eq!(tree(&out), tree(&full));
+    // Someone's file at an output's name, with something in it but no PNG: neither done nor
+    // replaced; that input fails naming the file.
+    let notes = out.join("img_002.png");
+    std::fs::write(&notes, b"my notes, not an image").unwrap();
+    let (code, _, err) = restore(&model, &inp, &out, &["--skip-existing"]);
+    assert_eq!((code, counts(&err)), (1, (0, 3, 2, 1)), "{err}");
+    assert!(
+        err.contains(notes.to_str().unwrap()) && err.contains("is not a PNG image"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&notes).unwrap(), b"my notes, not an image");
 }
 
 /// An input named like another input's sample (`b.sample1.png` beside `b.png`) is that input's
@@ -802,6 +813,61 @@ fn verify_fails_on_any_non_finite_value() {
         let (code, out, err) = verify(m, p);
         assert_eq!(code, 1, "{what}: {out}{err}");
         assert!(out.contains("FAIL") && out.contains("NaN"), "{what}: {out}");
+    }
+}
+
+#[test]
+fn verify_refuses_another_models_fixture_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let zoo = davi_tests::root().join("models/zoo/fmnist32-sr4");
+    let model = zoo.join("model.onnx");
+    let info = davi_runtime::Model::load(&model, &davi_runtime::SessionOptions::default())
+        .unwrap()
+        .info;
+    assert!(!info.name.is_empty() && !info.config_hash.is_empty());
+    // The shipped fixture, its tensors unchanged, its metadata naming a model.
+    let bytes = std::fs::read(zoo.join("model.parity.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let named = |name: &str, hash: &str| {
+        let p = tmp.path().join(format!("{name}.safetensors"));
+        let meta = [("davi.name", name), ("davi.config_hash", hash)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        std::fs::write(
+            &p,
+            safetensors::serialize(st.tensors(), Some(meta)).unwrap(),
+        )
+        .unwrap();
+        p
+    };
+    let verify = |p: &Path| {
+        davi(&[
+            "verify",
+            "-m",
+            model.to_str().unwrap(),
+            "--parity",
+            p.to_str().unwrap(),
+        ])
+    };
+    let (code, out, err) = verify(&named(&info.name, &info.config_hash));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("PASS"), "{out}");
+    for (name, hash) in [
+        ("fmnist32-deblur", info.config_hash.as_str()),
+        (info.name.as_str(), "0123456789abcdef"),
+    ] {
+        let p = named(name, hash);
+        let (code, out, err) = verify(&p);
+        assert_eq!(code, 2, "{name} {hash}: {out}{err}");
+        assert!(
+            err.contains(p.to_str().unwrap())
+                && err.contains("parity fixture of another model")
+                && err.contains(&format!("made for '{name}' (config {hash})"))
+                && err.contains(&format!("this model is '{}'", info.name)),
+            "{err}"
+        );
+        assert!(!out.contains("PASS") && !out.contains("FAIL"), "{out}");
     }
 }
 

@@ -120,13 +120,10 @@ pub fn export(args: &ExportArgs) -> Result<PathBuf> {
         &out,
     )?;
     let parity = parity_path(&args.output);
-    checkpoint::save_tensors(
+    write_parity(
         &parity,
-        &[
-            ("measurement".into(), y),
-            ("noise".into(), z),
-            ("image".into(), out),
-        ],
+        &[("measurement", &y), ("noise", &z), ("image", &out)],
+        &cfg,
     )?;
     let size = std::fs::metadata(&args.output)?.len();
     println!("model: {:.2} MB", size as f64 / 1e6);
@@ -138,6 +135,40 @@ pub fn export(args: &ExportArgs) -> Result<PathBuf> {
             .join(", ")
     );
     Ok(parity)
+}
+
+/// Safetensors metadata of a parity file naming the model it was computed for, so that `davi
+/// verify` against another model's fixture says so instead of only failing.
+pub const PARITY_FOR: [&str; 2] = ["davi.name", "davi.config_hash"];
+
+/// Writes the parity tensors (f32) with the model's name and config hash as metadata, atomically.
+fn write_parity(path: &Path, tensors: &[(&str, &Tensor)], cfg: &DaviConfig) -> Result<()> {
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, t)| {
+            let t = t.detach().to_device(Device::Cpu).contiguous();
+            let v = Vec::<f32>::try_from(t.flatten(0, -1))?;
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let shape = t.size().iter().map(|&d| d as usize).collect();
+            Ok((k.to_string(), shape, bytes))
+        })
+        .collect::<Result<_>>()?;
+    let views = raw
+        .iter()
+        .map(|(k, shape, data)| {
+            Ok((
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = [cfg.name.clone(), cfg.hash()]
+        .into_iter()
+        .zip(PARITY_FOR)
+        .map(|(v, k)| (k.to_string(), v))
+        .collect();
+    let bytes = safetensors::serialize(views, Some(meta))?;
+    crate::run::write_atomic(path, &bytes)
 }
 
 /// `DIR/model.parity.safetensors` beside `DIR/model.onnx`.
