@@ -3,6 +3,7 @@
 use crate::model::{keys, ModelInfo};
 use crate::{Model, RuntimeError};
 use ndarray::{Array4, ArrayD};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Outcome of a parity check.
@@ -23,6 +24,10 @@ pub struct Parity {
     /// Whether it holds.
     pub pass: bool,
 }
+
+/// The safetensors metadata key naming the model a parity file was computed for (written by
+/// `davi-train export`).
+pub const PARITY_FOR: &str = "davi.parity_for";
 
 /// Tolerance of `docs/DESIGN.md` section 3 for fp32 execution.
 pub const FP32_MAX_ABS: f64 = 1e-4;
@@ -102,16 +107,19 @@ pub fn compare(a: &ArrayD<f32>, b: &ArrayD<f32>, fp16: bool) -> Parity {
     }
 }
 
-/// A parity file names the model it was computed for (`davi.name`, `davi.config_hash` in its
-/// safetensors metadata; older files name none): another model's fixture is refused as such,
-/// where comparing would only say FAIL.
+/// A parity file names the model it was computed for (its safetensors metadata `davi.parity_for`:
+/// JSON with `davi.name` and `davi.config_hash`; older files name none): another model's
+/// fixture is refused as such, where comparing would only say FAIL.
 fn check_made_for(bytes: &[u8], info: &ModelInfo, parity: &Path) -> Result<(), RuntimeError> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| RuntimeError::file(parity, format!("not a safetensors file: {e}")))?;
-    let Some(meta) = meta.metadata() else {
+    let Some(json) = meta.metadata().as_ref().and_then(|m| m.get(PARITY_FOR)) else {
         return Ok(());
     };
-    let (name, hash) = (meta.get(keys::NAME), meta.get(keys::CONFIG_HASH));
+    let made_for: BTreeMap<String, String> = serde_json::from_str(json).map_err(|e| {
+        RuntimeError::file(parity, format!("metadata '{PARITY_FOR}' is not JSON: {e}"))
+    })?;
+    let (name, hash) = (made_for.get(keys::NAME), made_for.get(keys::CONFIG_HASH));
     let differs = |want: Option<&String>, have: &str| {
         want.is_some_and(|w| !have.is_empty() && w.as_str() != have)
     };

@@ -830,10 +830,8 @@ fn verify_refuses_another_models_fixture_by_name() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let named = |name: &str, hash: &str| {
         let p = tmp.path().join(format!("{name}.safetensors"));
-        let meta = [("davi.name", name), ("davi.config_hash", hash)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let made_for = serde_json::json!({"davi.name": name, "davi.config_hash": hash});
+        let meta = [("davi.parity_for".to_string(), made_for.to_string())].into();
         std::fs::write(
             &p,
             safetensors::serialize(st.tensors(), Some(meta)).unwrap(),

@@ -137,9 +137,11 @@ pub fn export(args: &ExportArgs) -> Result<PathBuf> {
     Ok(parity)
 }
 
-/// Safetensors metadata of a parity file naming the model it was computed for, so that `davi
-/// verify` against another model's fixture says so instead of only failing.
-pub const PARITY_FOR: [&str; 2] = ["davi.name", "davi.config_hash"];
+/// The one safetensors metadata key of a parity file: JSON naming the model it was computed for
+/// (`davi.name`, `davi.config_hash`), so that `davi verify` against another model's fixture
+/// says so instead of only failing. One key, sorted JSON: the header's bytes do not depend on
+/// a hash map's order, and a re-export stays byte-identical.
+pub const PARITY_FOR: &str = "davi.parity_for";
 
 /// Writes the parity tensors (f32) with the model's name and config hash as metadata, atomically.
 fn write_parity(path: &Path, tensors: &[(&str, &Tensor)], cfg: &DaviConfig) -> Result<()> {
@@ -162,11 +164,12 @@ fn write_parity(path: &Path, tensors: &[(&str, &Tensor)], cfg: &DaviConfig) -> R
             ))
         })
         .collect::<Result<Vec<_>>>()?;
-    let meta = [cfg.name.clone(), cfg.hash()]
-        .into_iter()
-        .zip(PARITY_FOR)
-        .map(|(v, k)| (k.to_string(), v))
-        .collect();
+    let model: std::collections::BTreeMap<&str, String> = [
+        ("davi.name", cfg.name.clone()),
+        ("davi.config_hash", cfg.hash()),
+    ]
+    .into();
+    let meta = [(PARITY_FOR.to_string(), serde_json::to_string(&model)?)].into();
     let bytes = safetensors::serialize(views, Some(meta))?;
     crate::run::write_atomic(path, &bytes)
 }

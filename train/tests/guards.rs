@@ -230,9 +230,11 @@ fn a_failed_export_leaves_the_existing_model() {
     // The fixture names the model it was computed for, so `davi verify` can refuse another's.
     let (_, meta) = safetensors::SafeTensors::read_metadata(&good.1).unwrap();
     let meta = meta.metadata().clone().expect("parity metadata");
+    let made_for: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&meta["davi.parity_for"]).unwrap();
     let config = davi_models::DaviConfig::from_file(&cfg).unwrap();
-    assert_eq!(meta.get("davi.name"), Some(&config.name));
-    assert_eq!(meta.get("davi.config_hash"), Some(&config.hash()));
+    assert_eq!(made_for.get("davi.name"), Some(&config.name));
+    assert_eq!(made_for.get("davi.config_hash"), Some(&config.hash()));
     // Weights that restore to NaN: an error, and the good model and its fixture stay.
     let mut t = davi_train::checkpoint::load_tensors(&w, tch::Device::Cpu).unwrap();
     let key = t.keys().find(|k| k.starts_with("out.")).unwrap().clone();
