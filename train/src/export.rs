@@ -145,33 +145,17 @@ pub const PARITY_FOR: &str = "davi.parity_for";
 
 /// Writes the parity tensors (f32) with the model's name and config hash as metadata, atomically.
 fn write_parity(path: &Path, tensors: &[(&str, &Tensor)], cfg: &DaviConfig) -> Result<()> {
-    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let raw = tensors
         .iter()
-        .map(|(k, t)| {
-            let t = t.detach().to_device(Device::Cpu).contiguous();
-            let v = Vec::<f32>::try_from(t.flatten(0, -1))?;
-            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let shape = t.size().iter().map(|&d| d as usize).collect();
-            Ok((k.to_string(), shape, bytes))
-        })
+        .map(|(k, t)| Ok((k.to_string(), crate::pt::RawTensor::f32(t)?)))
         .collect::<Result<_>>()?;
-    let views = raw
-        .iter()
-        .map(|(k, shape, data)| {
-            Ok((
-                k.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)?,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
     let model: std::collections::BTreeMap<&str, String> = [
         ("davi.name", cfg.name.clone()),
         ("davi.config_hash", cfg.hash()),
     ]
     .into();
     let meta = [(PARITY_FOR.to_string(), serde_json::to_string(&model)?)].into();
-    let bytes = safetensors::serialize(views, Some(meta))?;
-    crate::run::write_atomic(path, &bytes)
+    crate::pt::write_safetensors_with(&raw, Some(meta), path)
 }
 
 /// `DIR/model.parity.safetensors` beside `DIR/model.onnx`.

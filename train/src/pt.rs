@@ -23,6 +23,23 @@ pub struct RawTensor {
     pub data: Vec<u8>,
 }
 
+impl RawTensor {
+    /// A tch tensor as f32, contiguous on the CPU.
+    pub fn f32(t: &tch::Tensor) -> Result<Self> {
+        let t = t
+            .detach()
+            .to_device(tch::Device::Cpu)
+            .to_kind(tch::Kind::Float)
+            .contiguous();
+        let v = Vec::<f32>::try_from(t.flatten(0, -1))?;
+        Ok(Self {
+            dtype: Dtype::F32,
+            shape: t.size().iter().map(|&d| d as usize).collect(),
+            data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Value {
     None,
@@ -558,6 +575,16 @@ pub fn read_pt(path: &Path) -> Result<BTreeMap<String, RawTensor>> {
 
 /// Writes tensors to safetensors (atomically).
 pub fn write_safetensors(tensors: &BTreeMap<String, RawTensor>, path: &Path) -> Result<()> {
+    write_safetensors_with(tensors, None, path)
+}
+
+/// [`write_safetensors`] with the header's `__metadata__` (a map of one key is byte-stable; a
+/// map of more comes out in the hash map's order).
+pub fn write_safetensors_with(
+    tensors: &BTreeMap<String, RawTensor>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(k, t)| {
@@ -567,7 +594,7 @@ pub fn write_safetensors(tensors: &BTreeMap<String, RawTensor>, path: &Path) -> 
             ))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None)?;
+    let bytes = safetensors::serialize(views, metadata)?;
     crate::run::write_atomic(path, &bytes)
 }
 
