@@ -137,21 +137,18 @@ pub fn export(args: &ExportArgs) -> Result<PathBuf> {
     Ok(parity)
 }
 
-/// The one safetensors metadata key of a parity file: JSON naming the model it was computed for
-/// (`davi.name`, `davi.config_hash`), so that `davi verify` against another model's fixture
-/// says so instead of only failing. One key, sorted JSON: the header's bytes do not depend on
-/// a hash map's order, and a re-export stays byte-identical.
-pub const PARITY_FOR: &str = "davi.parity_for";
-
-/// Writes the parity tensors (f32) with the model's name and config hash as metadata, atomically.
+/// Writes the parity tensors (f32) with the model's name and config hash as metadata, atomically:
+/// one key (`davi verify`'s `PARITY_FOR`) holding sorted JSON, so that the header's bytes do not
+/// depend on a hash map's order and a re-export stays byte-identical.
 fn write_parity(path: &Path, tensors: &[(&str, &Tensor)], cfg: &DaviConfig) -> Result<()> {
     let raw = tensors
         .iter()
         .map(|(k, t)| Ok((k.to_string(), crate::pt::RawTensor::f32(t)?)))
         .collect::<Result<_>>()?;
+    use davi_runtime::{model::keys, verify::PARITY_FOR};
     let model: std::collections::BTreeMap<&str, String> = [
-        ("davi.name", cfg.name.clone()),
-        ("davi.config_hash", cfg.hash()),
+        (keys::NAME, cfg.name.clone()),
+        (keys::CONFIG_HASH, cfg.hash()),
     ]
     .into();
     let meta = [(PARITY_FOR.to_string(), serde_json::to_string(&model)?)].into();
