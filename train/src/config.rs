@@ -38,6 +38,10 @@ pub struct PriorTrain {
     /// Precision of the matrix products of the networks being trained: `f32` (default) or
     /// `bf16` (autocast); gradient-free forwards (teacher, IKL) stay f32.
     pub precision: crate::backend::Precision,
+    /// Start from these weights (a prior's EMA safetensors, guided-diffusion names) instead of
+    /// guided-diffusion's initialisation: fine-tuning a prior on other data. The parameters and
+    /// the EMA start there; the optimiser starts fresh. Empty: from scratch.
+    pub init: String,
 }
 
 impl Default for PriorTrain {
@@ -57,6 +61,7 @@ impl Default for PriorTrain {
             skip_bad_files: true,
             checkpointing: false,
             precision: Default::default(),
+            init: String::new(),
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::driver::{drive, finite, Schedule, Trainee};
 use crate::params::{AdamW, Ema, ParamSet};
 use crate::run::{write_atomic, Run};
 use crate::{checkpoint, diffusion, plot};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use davi_models::schedule::Diffusion;
 use davi_models::{DaviConfig, UNetModel};
 use rand::{Rng, SeedableRng};
@@ -169,6 +169,18 @@ pub fn train(args: &PriorArgs) -> Result<PathBuf> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("runs").join(&cfg.name));
     let mut t = PriorTrainer::new(&cfg, hp.clone(), args.device)?;
+    if !hp.init.is_empty() {
+        // A resumed run's checkpoint replaces these in `drive`.
+        let w = checkpoint::load_params(
+            Path::new(&hp.init),
+            t.unet.param_shapes(),
+            Some("ema."),
+            args.device,
+        )
+        .with_context(|| format!("train.prior.init {}", hp.init))?;
+        t.params.load_from(&w)?;
+        t.ema = Ema::new(&t.params, hp.ema);
+    }
     let run = Run::open(&dir, &serde_yaml::to_string(&cfg)?, &t.columns(), hp.keep)?;
     tracing::info!(
         "prior {}: {} parameters, {} on {:?}, {} steps of {}, {} loss",

@@ -161,6 +161,67 @@ fn resumed_run_equals_uninterrupted_run() {
     assert_eq!(steps, vec!["4", "6"], "{rows}");
 }
 
+#[test]
+fn a_prior_with_init_starts_from_those_weights_and_a_wrong_init_names_itself() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    train_prior(&prior_cfg(&tmp.path().join("da"), 10), &a, None);
+    // Fine-tuning at a learning rate of 1e-12: the step-1 parameters are the init's (Adam moves
+    // each by about the rate), and not the fresh initialisation.
+    let init = a.join("ema.safetensors");
+    let cfg = setup(
+        &tmp.path().join("db"),
+        &format!("train:\n  prior:\n    batch_size: 8\n    lr: 1.0e-12\n    steps: 1\n    checkpoint_every: 1\n    sample_every: 0\n    sample_n: 4\n    init: {}\n", init.display()),
+    );
+    let b = tmp.path().join("b");
+    train_prior(&cfg, &b, None);
+    let c = DaviConfig::from_file(&cfg).unwrap();
+    let unet = UNetModel::new(&c.unet).unwrap();
+    let want = checkpoint::load_params(&init, unet.param_shapes(), None, Device::Cpu).unwrap();
+    let got = trained_params(&unet, &b, 1);
+    let fresh = ParamSet::init(&unet, 0, Device::Cpu).frozen();
+    let mut moved = 0.0f64;
+    for (k, t) in &want {
+        let d = max_diff(t, &got[k]);
+        assert!(d < 1e-9, "{k} is {d} from the init's");
+        moved = moved.max(max_diff(t, &fresh[k]));
+    }
+    assert!(
+        moved > 1e-3,
+        "the init equals the fresh weights: the test shows nothing"
+    );
+    // An init of another network is refused, naming the setting and the file.
+    let other = tmp.path().join("other.safetensors");
+    checkpoint::save_tensors(
+        &other,
+        &[(
+            "x".to_string(),
+            Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+        )],
+    )
+    .unwrap();
+    let bad = setup(
+        &tmp.path().join("dc"),
+        &format!(
+            "train:\n  prior:\n    steps: 1\n    init: {}\n",
+            other.display()
+        ),
+    );
+    let err = prior::train(&prior::PriorArgs {
+        config: bad,
+        device: Device::Cpu,
+        run: Some(tmp.path().join("c")),
+        steps: None,
+    })
+    .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("train.prior.init") && msg.contains("other.safetensors"),
+        "{msg}"
+    );
+}
+
 /// `davi-train prior --config cfg --run run --device cpu`, as a command to spawn.
 fn prior_command(cfg: &Path, run: &Path) -> std::process::Command {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_davi-train"));
