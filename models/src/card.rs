@@ -86,9 +86,8 @@ pub enum DataConfig {
         /// training). Empty: every photo gives its left 80% to training and its right 20% to test.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         test_photos: Vec<String>,
-        /// Pictures left out of every split, by file stem: the synthetic ones among scikit-image's
-        /// samples (a colour wheel, an RGB chessboard, a logo) teach a prior colours no
-        /// photograph has.
+        /// Pictures left out of every split, by file stem (e.g. the synthetic ones among
+        /// scikit-image's samples: a colour wheel, an RGB chessboard, a logo).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         exclude: Vec<String>,
         /// Downscaling factor applied to each photo before cropping.
