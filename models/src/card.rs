@@ -613,6 +613,31 @@ mod tests {
         }
     }
 
+    /// `norm_groups` at its default (the reference's 32) is not written, so the hash of every
+    /// config written before it existed is unchanged; another value is written and read back;
+    /// one that does not divide every width is refused, naming it.
+    #[test]
+    fn norm_groups_keeps_old_hashes_and_is_checked() {
+        let unet = "unet:\n  image_size: 16\n  in_channels: 3\n  model_channels: 32\n  out_channels: 3\n  num_res_blocks: 1\n  channel_mult: [1, 2]\n";
+        let a: DaviConfig = serde_yaml::from_str(&format!("name: t\n{unet}")).unwrap();
+        assert_eq!(a.unet.norm_groups, 32);
+        assert!(!serde_yaml::to_string(&a).unwrap().contains("norm_groups"));
+        let b: DaviConfig =
+            serde_yaml::from_str(&format!("name: t\n{unet}  norm_groups: 32\n")).unwrap();
+        assert_eq!(a.hash(), b.hash());
+        let c: DaviConfig =
+            serde_yaml::from_str(&format!("name: t\n{unet}  norm_groups: 8\n")).unwrap();
+        assert_ne!(a.hash(), c.hash());
+        assert!(serde_yaml::to_string(&c)
+            .unwrap()
+            .contains("norm_groups: 8"));
+        c.unet.validate().unwrap();
+        let mut d = c.unet.clone();
+        d.norm_groups = 12;
+        let e = d.validate().unwrap_err().to_string();
+        assert!(e.contains("norm_groups 12"), "{e}");
+    }
+
     /// A row that is not a number is an error naming it; DPS's NaN row (not run) is none.
     #[test]
     fn a_score_that_is_not_a_number_is_named() {

@@ -54,6 +54,12 @@ pub struct UNetConfig {
     /// `QKVAttention` (split qkv before heads) instead of `QKVAttentionLegacy`.
     #[serde(default)]
     pub use_new_attention_order: bool,
+    /// Groups of every GroupNorm: the reference's 32 (its `GroupNorm32`) by default. With
+    /// `model_channels: 32` that is one channel per group, which removes each channel's spatial
+    /// mean, so the network can hardly carry an image's mean colour to its output; fewer groups
+    /// keep it. Parameter names and shapes do not depend on it.
+    #[serde(default = "thirty_two", skip_serializing_if = "is_thirty_two")]
+    pub norm_groups: usize,
     /// Accepted for compatibility with the reference's arguments; has no effect (fp32 here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_fp16: Option<bool>,
@@ -70,6 +76,12 @@ fn one() -> i64 {
 }
 fn minus_one() -> i64 {
     -1
+}
+fn thirty_two() -> usize {
+    32
+}
+fn is_thirty_two(g: &usize) -> bool {
+    *g == 32
 }
 
 impl UNetConfig {
@@ -109,10 +121,14 @@ impl UNetConfig {
                 self.image_size
             ));
         }
+        if self.norm_groups == 0 {
+            return bad("norm_groups: at least 1".into());
+        }
         for (ch, what) in self.channel_counts() {
-            if ch % 32 != 0 {
+            if ch % self.norm_groups != 0 {
                 return bad(format!(
-                    "{what} has {ch} channels; GroupNorm32 needs a multiple of 32"
+                    "{what} has {ch} channels; GroupNorm with norm_groups {} needs a multiple of it",
+                    self.norm_groups
                 ));
             }
         }
@@ -181,6 +197,8 @@ pub struct ResBlock {
     pub out_channels: usize,
     /// Dropout of `out_layers.2`.
     pub dropout: f64,
+    /// GroupNorm groups (`norm_groups`).
+    pub groups: usize,
 }
 
 /// guided-diffusion's `AttentionBlock` (parameters under `name`).
@@ -196,6 +214,8 @@ pub struct AttentionBlock {
     pub heads: usize,
     /// `QKVAttention` (true) or `QKVAttentionLegacy`.
     pub new_order: bool,
+    /// GroupNorm groups (`norm_groups`).
+    pub groups: usize,
 }
 
 /// The ADM UNet: a module tree of names, no weights. Weights come from the backend.
@@ -209,7 +229,6 @@ pub struct UNetModel {
     shapes: Vec<(String, Vec<usize>)>,
 }
 
-const GROUPS: usize = 32;
 const EPS: f64 = 1e-5;
 
 /// Builds the module tree and the parameter list of a config, in the reference's order.
@@ -257,6 +276,7 @@ impl Builder<'_> {
             has_skip_conv,
             out_channels: out,
             dropout: c.dropout,
+            groups: c.norm_groups,
         })
     }
 
@@ -293,6 +313,7 @@ impl Builder<'_> {
             side: c.image_size / ds,
             heads,
             new_order: c.use_new_attention_order,
+            groups: c.norm_groups,
         }))
     }
 
@@ -559,7 +580,7 @@ impl UNetModel {
 
     /// The head `out`: GroupNorm, SiLU, the zero-initialised 3x3 conv.
     pub fn out<B: Backend>(&self, b: &B, h: &B::Tensor) -> Result<B::Tensor> {
-        let h = norm(b, "out.0", h)?;
+        let h = norm(b, "out.0", self.config.norm_groups, h)?;
         let h = b.silu(&h);
         conv(b, "out.2", &h, 1, 1)
     }
@@ -601,10 +622,10 @@ fn conv<B: Backend>(
     Ok(b.conv2d(x, &w, Some(&bias), stride, padding, 1))
 }
 
-fn norm<B: Backend>(b: &B, name: &str, x: &B::Tensor) -> Result<B::Tensor> {
+fn norm<B: Backend>(b: &B, name: &str, groups: usize, x: &B::Tensor) -> Result<B::Tensor> {
     let w = b.param(&format!("{name}.weight"))?;
     let bias = b.param(&format!("{name}.bias"))?;
-    Ok(b.group_norm(x, GROUPS, &w, &bias, EPS))
+    Ok(b.group_norm(x, groups, &w, &bias, EPS))
 }
 
 fn apply_seq<B: Backend>(
@@ -650,7 +671,7 @@ impl ResBlock {
     /// - returns [N, out, H', W'] (H' = 2H up, H/2 down)
     pub fn forward<B: Backend>(&self, b: &B, x: &B::Tensor, emb: &B::Tensor) -> Result<B::Tensor> {
         let n = &self.name;
-        let h = norm(b, &format!("{n}.in_layers.0"), x)?;
+        let h = norm(b, &format!("{n}.in_layers.0"), self.groups, x)?;
         let h = b.silu(&h);
         let resample = |t: &B::Tensor| {
             if self.up {
@@ -676,13 +697,13 @@ impl ResBlock {
             let e = b.reshape(&e, &[-1, 2 * out, 1, 1]); // [N, 2C, 1, 1]
             let scale = b.narrow(&e, 1, 0, self.out_channels);
             let shift = b.narrow(&e, 1, self.out_channels, self.out_channels);
-            let h = norm(b, &format!("{n}.out_layers.0"), &h)?;
+            let h = norm(b, &format!("{n}.out_layers.0"), self.groups, &h)?;
             let h = b.add(&b.mul(&h, &b.add_scalar(&scale, 1.0)), &shift);
             b.silu(&h)
         } else {
             let e = b.reshape(&e, &[-1, out, 1, 1]);
             let h = b.add(&h, &e);
-            let h = norm(b, &format!("{n}.out_layers.0"), &h)?;
+            let h = norm(b, &format!("{n}.out_layers.0"), self.groups, &h)?;
             b.silu(&h)
         };
         let h = b.dropout(&h, self.dropout); // out_layers.2
@@ -706,7 +727,7 @@ impl AttentionBlock {
         let heads = self.heads as i64;
         let ch = c / heads;
         // GroupNorm does not care whether the spatial dims are flattened: normalise in 4-D.
-        let h = norm(b, &format!("{n}.norm"), x)?; // [N, C, S, S]
+        let h = norm(b, &format!("{n}.norm"), self.groups, x)?; // [N, C, S, S]
         let h = b.reshape(&h, &[-1, c, t]); // [N, C, T]
         let qkv = conv1x1(b, &format!("{n}.qkv"), &h, 3 * self.channels)?; // [N, 3C, T]
         let scale = 1.0 / (ch as f32).sqrt().sqrt();

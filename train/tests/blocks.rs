@@ -21,8 +21,12 @@ fn close(a: &Tensor, b: &Tensor) {
 }
 
 fn gn(x: &Tensor, p: &HashMap<String, Tensor>, n: &str) -> Tensor {
+    gn_groups(x, p, n, 32)
+}
+
+fn gn_groups(x: &Tensor, p: &HashMap<String, Tensor>, n: &str, groups: i64) -> Tensor {
     x.group_norm(
-        32,
+        groups,
         Some(&p[&format!("{n}.weight")]),
         Some(&p[&format!("{n}.bias")]),
         1e-5,
@@ -113,6 +117,7 @@ fn attention_new_order_and_num_heads() {
             side: 4,
             heads: 2,
             new_order,
+            groups: 32,
         };
         let b = TchBackend::new(
             p.iter()
@@ -153,8 +158,9 @@ fn res_direct(
     n: &str,
     scale_shift: bool,
     up: bool,
+    groups: i64,
 ) -> Tensor {
-    let h = gn(x, p, &format!("{n}.in_layers.0")).silu();
+    let h = gn_groups(x, p, &format!("{n}.in_layers.0"), groups).silu();
     let (h, x) = if up {
         let s = h.size();
         (
@@ -172,9 +178,9 @@ fn res_direct(
     let e = e.unsqueeze(-1).unsqueeze(-1);
     let h = if scale_shift {
         let parts = e.chunk(2, 1);
-        gn(&h, p, &format!("{n}.out_layers.0")) * (&parts[0] + 1.0) + &parts[1]
+        gn_groups(&h, p, &format!("{n}.out_layers.0"), groups) * (&parts[0] + 1.0) + &parts[1]
     } else {
-        gn(&(h + e), p, &format!("{n}.out_layers.0"))
+        gn_groups(&(h + e), p, &format!("{n}.out_layers.0"), groups)
     };
     let h = conv(&h.silu(), p, &format!("{n}.out_layers.3"), 1, 1);
     let skip = if p.contains_key(&format!("{n}.skip_connection.weight")) {
@@ -204,6 +210,7 @@ fn resblock_without_scale_shift_and_with_upsampling() {
             has_skip_conv: ch != out,
             out_channels: out as usize,
             dropout: 0.0,
+            groups: 32,
         };
         let b = TchBackend::new(
             p.iter()
@@ -212,8 +219,46 @@ fn resblock_without_scale_shift_and_with_upsampling() {
             Device::Cpu,
         );
         let ours = blk.forward(&b, &x, &emb.silu()).unwrap();
-        close(&ours, &res_direct(&x, &emb, &p, "r", scale_shift, up));
+        close(&ours, &res_direct(&x, &emb, &p, "r", scale_shift, up, 32));
     }
+}
+
+/// `norm_groups` reaches every GroupNorm of a block: a ResBlock of 8 groups is the formula with 8
+/// groups, and not the one with 32.
+#[test]
+fn resblock_normalises_in_the_configured_groups() {
+    tch::manual_seed(4);
+    let p = res_params("r", 64, 64, 128, true);
+    let x = rnd(&[2, 64, 8, 8]);
+    let emb = rnd(&[2, 128]);
+    let blk = ResBlock {
+        name: "r".into(),
+        scale_shift: true,
+        up: false,
+        down: false,
+        has_skip_conv: false,
+        out_channels: 64,
+        dropout: 0.0,
+        groups: 8,
+    };
+    let b = TchBackend::new(
+        p.iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect(),
+        Device::Cpu,
+    );
+    let ours = blk.forward(&b, &x, &emb.silu()).unwrap();
+    close(&ours, &res_direct(&x, &emb, &p, "r", true, false, 8));
+    let d = f64::try_from(
+        (&ours - res_direct(&x, &emb, &p, "r", true, false, 32))
+            .abs()
+            .max(),
+    )
+    .unwrap();
+    assert!(
+        d > 1e-3,
+        "8 and 32 groups give the same output ({d}): the setting is not used"
+    );
 }
 
 #[test]
