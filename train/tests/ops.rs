@@ -187,19 +187,28 @@ fn linear() {
     );
 }
 
+/// The reference's 32 groups, and the other counts `norm_groups` can set.
 #[test]
 fn group_norm() {
-    check(
-        &[arr(&[2, 64, 4, 4], 1)],
-        &[("w", arr(&[64], 2)), ("b", arr(&[64], 3))],
-        &|x, c| {
-            apply!(
-                c,
-                |b, v| b.group_norm(&v, 32, &b.param("w").unwrap(), &b.param("b").unwrap(), 1e-5),
-                x(0)
-            )
-        },
-    );
+    for groups in [32, 8, 1] {
+        check(
+            &[arr(&[2, 64, 4, 4], 1)],
+            &[("w", arr(&[64], 2)), ("b", arr(&[64], 3))],
+            &|x, c| {
+                apply!(
+                    c,
+                    |b, v| b.group_norm(
+                        &v,
+                        groups,
+                        &b.param("w").unwrap(),
+                        &b.param("b").unwrap(),
+                        1e-5
+                    ),
+                    x(0)
+                )
+            },
+        );
+    }
 }
 
 #[test]
