@@ -39,8 +39,9 @@ fn main() -> Result<()> {
     let idx: Vec<usize> = (0..n).map(|i| (i * 7919) % ds.len).collect();
     let x0 = Tensor::from_slice(&ds.batch(&idx)?).reshape([n as i64, c, s, s]);
     let d = Diffusion::new(cfg.diffusion.schedule, cfg.diffusion.steps);
-    let dc = |t: &Tensor| t.mean_dim([2i64, 3].as_slice(), false, Kind::Float); // [N, C]
-                                                                                // RMS distance of each mean colour from grey (its channel mean); for grey images, RMS value.
+    // Per-image, per-channel spatial means: [N, C].
+    let dc = |t: &Tensor| t.mean_dim([2i64, 3].as_slice(), false, Kind::Float);
+    // RMS distance of each mean colour from grey (its channel mean); for grey images, RMS value.
     let chroma = |v: &Tensor| {
         let v = if c == 3 {
             v - v.mean_dim([1i64].as_slice(), true, Kind::Float)
