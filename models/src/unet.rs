@@ -57,7 +57,7 @@ pub struct UNetConfig {
     /// Groups of every GroupNorm: the reference's 32 (its `GroupNorm32`) by default. With
     /// `model_channels: 32` that is one channel per group, which removes each channel's spatial
     /// mean, so the network can hardly carry an image's mean colour to its output; fewer groups
-    /// keep it. Parameter names and shapes do not depend on it.
+    /// keep part of it (README, colorization). Parameter names and shapes do not depend on it.
     #[serde(default = "thirty_two", skip_serializing_if = "is_thirty_two")]
     pub norm_groups: usize,
     /// Accepted for compatibility with the reference's arguments; has no effect (fp32 here).
